@@ -1,0 +1,118 @@
+"""Command-line plumbing shared by every experiment: flags generated from config dataclasses, clean errors.
+
+Each experiment's config is a dataclass (nested dataclasses are flattened); every field becomes one flag,
+``snake_case`` → ``--kebab-case``, with the field's ``metadata`` giving ``help``, ``choices``, ``aliases`` and a
+``parse`` function for list-valued fields. A user error — a bad flag or value, or a :class:`SedLensError`
+raised while running — prints one line on stderr and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+from sed_lens.errors import SedLensError
+
+C = TypeVar("C")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` that reports a bad flag in one line (and exits 2) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def csv(item: Callable[[str], Any] = str) -> Callable[[str], tuple[Any, ...]]:
+    """Parser of a comma-separated list: ``"add,sub"`` → ``("add", "sub")``."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        parts = [t.strip() for t in text.split(",") if t.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        try:
+            return tuple(item(t) for t in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid list item in {text!r}") from None
+
+    parse.__name__ = "list"
+    return parse
+
+
+def _scalar_type(tp: Any) -> Any:
+    """``int | None`` → ``int``; other annotations unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+    """Leaf fields of a (possibly nested) config dataclass, with their resolved types."""
+    hints = typing.get_type_hints(cls)
+    out: list[tuple[dataclasses.Field[Any], Any]] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(_fields(tp))  # type: ignore[arg-type]
+        elif f.metadata.get("cli", True):
+            out.append((f, tp))
+    return out
+
+
+def parser_for(cls: type, prog: str, description: str, epilog: str | None = None) -> ArgumentParser:
+    """An :class:`ArgumentParser` with one flag per field of the config dataclass ``cls``."""
+    ap = ArgumentParser(prog=prog, description=description, epilog=epilog,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f, tp in _fields(cls):
+        meta = f.metadata
+        flags = [f"--{f.name.replace('_', '-')}", *meta.get("aliases", ())]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+        kw: dict[str, Any] = {"help": meta.get("help", ""), "dest": f.name, "default": argparse.SUPPRESS}
+        if "choices" in meta:
+            kw["choices"] = meta["choices"]
+        scalar = _scalar_type(tp)
+        if scalar is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = meta.get("parse", scalar if scalar in (int, float, str) else str)
+            kw["metavar"] = meta.get("metavar")
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        if default is not None:
+            kw["help"] = f"{kw['help']} (default: {shown})"
+        ap.add_argument(*flags, **kw)
+    return ap
+
+
+def config_from_args(cls: type[C], ns: argparse.Namespace) -> C:
+    """Build the (nested) config dataclass ``cls`` from parsed flags; unset flags keep their defaults."""
+    given = vars(ns)
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = config_from_args(tp, ns)  # type: ignore[arg-type]
+        elif f.name in given:
+            kwargs[f.name] = given[f.name]
+    return cls(**kwargs)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None,
+            prog: str = "sed_lens") -> int:
+    """Run ``main(argv)``; a :class:`SedLensError` becomes one line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except SedLensError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,218 @@
+"""Model presets as ``HookedTransformer``s, PyTorch-default initialisation, and per-op readout.
+
+A model reads its logits at one position (the *readout position*); a multitask model has one head per op,
+realised as a single unembedding with ``n_ops · n_classes`` outputs sliced per op. Both facts are metadata the
+model carries (:class:`Readout`, attached by :func:`set_readout`), so callers never hard-code them. A user's own
+``HookedTransformer`` without that metadata reads at the last position with a single head over all outputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from sed_lens.errors import SedLensError, check
+from sed_lens.tasks import ModularArithmetic
+from sed_lens.torch_reference import TorchTransformer, hooked_state_dict
+
+INITS = ("torch", "tl")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """An architecture and the token layout / readout it expects."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    d_mlp: int
+    act_fn: str
+    layer_norm: bool
+    attention_dir: str  # "bidirectional" | "causal"
+    layout: str  # token layout of the task, see sed_lens.tasks.LAYOUTS
+    readout_position: int
+    default_init: str
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "xu2026": Preset("xu2026", 2, 128, 4, 32, 256, "gelu", True, "bidirectional", "ab", 0, "torch",
+                     "Xu (2026): 2-layer pre-norm encoder, GELU, bidirectional, inputs [a, b], readout at position 0"),
+    "nanda2023": Preset("nanda2023", 1, 128, 4, 32, 512, "relu", False, "causal", "ab=", -1, "tl",
+                        "Nanda et al. (2023): 1 layer, ReLU, no LayerNorm, causal, inputs [a, b, =], readout at '='"),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise SedLensError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}.")
+    return PRESETS[name]
+
+
+@dataclass(frozen=True)
+class Readout:
+    """Where a model's predictions are read: logits at ``position``, ``n_classes`` consecutive outputs per op."""
+
+    position: int
+    ops: tuple[str, ...]
+    n_classes: int
+
+    def slice(self, op: str | None = None) -> slice:
+        """The output slice of ``op`` (the only head if ``op`` is None and there is one)."""
+        return slice(self.index(op) * self.n_classes, (self.index(op) + 1) * self.n_classes)
+
+    def index(self, op: str | None) -> int:
+        if op is None:
+            check(len(self.ops) == 1, f"this model has {len(self.ops)} heads ({', '.join(self.ops)}); name the op.")
+            return 0
+        if op not in self.ops:
+            if len(self.ops) == 1 and self.ops[0] == "y":
+                return 0  # a user's single-head model answers to any op name
+            raise SedLensError(f"the model has no head for op {op!r}; its heads are {', '.join(self.ops)}.")
+        return self.ops.index(op)
+
+
+def set_readout(model: HookedTransformer, position: int, ops: Sequence[str] = ("y",),
+                n_classes: int | None = None) -> Readout:
+    """Attach readout metadata to a user's ``HookedTransformer`` (position, op names, classes per op)."""
+    ops = tuple(ops)
+    n_out = model.cfg.d_vocab_out
+    n_classes = n_out // len(ops) if n_classes is None else n_classes
+    check(len(ops) >= 1, "a readout needs at least one op.")
+    check(n_classes * len(ops) <= n_out, f"{len(ops)} heads × {n_classes} classes exceed the model's {n_out} outputs.")
+    check(-model.cfg.n_ctx <= position < model.cfg.n_ctx,
+          f"readout position {position} is outside the model's context of {model.cfg.n_ctx}.")
+    r = Readout(position, ops, n_classes)
+    model.sed_readout = r  # type: ignore[assignment]
+    return r
+
+
+def get_readout(model: HookedTransformer) -> Readout:
+    """The model's :class:`Readout`; a model built elsewhere reads the last position with one head."""
+    r = getattr(model, "sed_readout", None)
+    if isinstance(r, Readout):
+        return r
+    return Readout(-1, ("y",), model.cfg.d_vocab_out)
+
+
+def hooked_config(preset: str | Preset, task: ModularArithmetic, device: str | torch.device = "cpu") -> HookedTransformerConfig:
+    """The ``HookedTransformerConfig`` of ``preset`` sized for ``task`` (vocabulary, context, one head per op)."""
+    pr = get_preset(preset) if isinstance(preset, str) else preset
+    check(task.layout == pr.layout,
+          f"preset {pr.name!r} reads tokens laid out as {pr.layout!r} but the task uses {task.layout!r}; "
+          f"build it with ModularArithmetic(..., layout={pr.layout!r}) or task.with_layout({pr.layout!r}).")
+    return HookedTransformerConfig(
+        n_layers=pr.n_layers, d_model=pr.d_model, n_heads=pr.n_heads, d_head=pr.d_head, d_mlp=pr.d_mlp,
+        act_fn=pr.act_fn, normalization_type="LN" if pr.layer_norm else None, attention_dir=pr.attention_dir,
+        n_ctx=task.n_ctx, d_vocab=task.d_vocab, d_vocab_out=task.p * len(task.ops),
+        positional_embedding_type="standard", device=str(device), seed=None,
+    )
+
+
+def new_hooked_transformer(cfg: HookedTransformerConfig) -> HookedTransformer:
+    """``HookedTransformer(cfg)`` on ``cfg.device``, without TransformerLens 3.x's deprecation warning and print."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg, move_to_device=False)
+    torch.nn.Module.to(model, cfg.device)
+    return model
+
+
+def torch_reference(preset: str | Preset, task: ModularArithmetic, seed: int) -> TorchTransformer:
+    """The bare-PyTorch model of ``preset`` for ``task``, initialised by PyTorch's defaults under ``seed``."""
+    pr = get_preset(preset) if isinstance(preset, str) else preset
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TorchTransformer(task.d_vocab, task.n_ctx, pr.d_model, pr.n_heads, pr.d_mlp, pr.n_layers,
+                                [task.p] * len(task.ops), act_fn=pr.act_fn, layer_norm=pr.layer_norm,
+                                causal=pr.attention_dir == "causal", readout_position=pr.readout_position)
+
+
+def build_model(preset: str = "xu2026", task: ModularArithmetic | None = None, *, init: str | None = None,
+                seed: int = 0, device: str | torch.device = "cpu") -> HookedTransformer:
+    """A ``HookedTransformer`` of ``preset`` for ``task``, with its :class:`Readout` attached.
+
+    Args:
+        preset: ``"xu2026"`` or ``"nanda2023"`` (see :data:`PRESETS`).
+        task: fixes vocabulary, context and the heads (one per op); defaults to the preset's ``add`` mod 97.
+        init: ``"torch"`` starts from PyTorch's default initialisation of the equivalent
+            ``nn.TransformerEncoder`` model (xavier-uniform packed QKV, zero attention biases, ``nn.Linear``
+            defaults elsewhere, N(0,1) tokens, N(0,1/d_model) positions, identical layers); ``"tl"`` keeps
+            TransformerLens' initialisation. Default: the preset's (``torch`` for xu2026, ``tl`` for nanda2023).
+        seed: the random seed of the initialisation (the global RNG state is left untouched).
+    """
+    pr = get_preset(preset)
+    task = task if task is not None else ModularArithmetic(layout=pr.layout)
+    init = pr.default_init if init is None else init
+    check(init in INITS, f"unknown init {init!r}; choose from {', '.join(INITS)}.")
+    cfg = hooked_config(pr, task, device=device)
+    if init == "torch":
+        cfg.init_weights = False
+        model = new_hooked_transformer(cfg)
+        state = model.state_dict()
+        converted = hooked_state_dict(torch_reference(pr, task, seed))
+        missing = set(k for k, v in model.named_parameters()) - set(converted)
+        assert not missing, f"torch init left parameters unset: {sorted(missing)}"
+        state.update(converted)
+        model.load_state_dict(state)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = new_hooked_transformer(cfg)
+    set_readout(model, pr.readout_position, task.ops, task.p)
+    model.sed_preset = {"preset": pr.name, "init": init, "seed": seed}  # type: ignore[assignment]
+    return model
+
+
+# --- readout ------------------------------------------------------------------------------------------------
+def readout_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab_out"]:
+    """All output logits at the model's readout position."""
+    return model(tokens)[:, get_readout(model).position]
+
+
+def split_logits(model: HookedTransformer, logits: Float[Tensor, "batch d_vocab_out"],
+                 ops: Sequence[str] | None = None) -> dict[str, Float[Tensor, "batch n_classes"]]:
+    """Readout logits split into one block per op."""
+    r = get_readout(model)
+    return {op: logits[:, r.slice(op)] for op in (r.ops if ops is None else ops)}
+
+
+def task_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> dict[str, Float[Tensor, "batch n_classes"]]:
+    """``{op: [batch, n_classes]}`` logits of every head at the readout position."""
+    return split_logits(model, readout_logits(model, tokens))
+
+
+def op_losses(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
+              labels: Mapping[str, Tensor] | Tensor) -> dict[str, Tensor]:
+    """Mean cross-entropy of each op's head on its own labels, from one forward pass."""
+    labels = as_label_dict(model, labels)
+    logits = split_logits(model, readout_logits(model, tokens), list(labels))
+    return {op: F.cross_entropy(logits[op], y) for op, y in labels.items()}
+
+
+def as_label_dict(model: HookedTransformer, labels: Mapping[str, Tensor] | Tensor) -> dict[str, Tensor]:
+    """Labels keyed by op; a bare tensor is the labels of a single-head model."""
+    if isinstance(labels, Tensor):
+        return {get_readout(model).ops[0]: labels} if len(get_readout(model).ops) == 1 else _need_op(model)
+    return dict(labels)
+
+
+def _need_op(model: HookedTransformer) -> dict[str, Tensor]:
+    raise SedLensError(f"this model has heads {', '.join(get_readout(model).ops)}; pass labels as a dict {{op: labels}}.")
+
+
+def model_spec(model: HookedTransformer) -> dict[str, Any]:
+    """JSON-able description of a model: its TransformerLens config, readout and preset (if any)."""
+    cfg = {k: (str(v) if isinstance(v, (torch.dtype, torch.device)) else v) for k, v in model.cfg.to_dict().items()}
+    cfg = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool, type(None), list))}
+    return {"cfg": cfg, "readout": asdict(get_readout(model)), "preset": getattr(model, "sed_preset", None)}

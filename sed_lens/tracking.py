@@ -1,0 +1,224 @@
+"""Run directories and W&B: every run leaves local files and (optionally) a W&B run.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON object per logged step), ``summary.json``,
+``checkpoints/`` and whatever artifacts the experiment writes. W&B mirrors it: mode ``"offline"`` by default
+(nothing leaves the machine; ``wandb sync RUN_DIR/wandb/offline-run-*`` uploads later), ``"online"`` or
+``"disabled"``. W&B is never essential: a W&B failure is reported once and the run goes on with its local files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sed_lens.errors import SedLensError, check
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain-JSON version of ``obj`` (tensors and numpy scalars/arrays become numbers and lists; NaN → None)."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=2) + "\n").encode())
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file (``metrics.jsonl``)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def default_run_dir(experiment: str, name: str, root: str | Path = "runs") -> Path:
+    """``runs/EXPERIMENT/NAME-YYYYmmdd-HHMMSS`` (made unique if that exists)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / experiment / f"{name}-{stamp}"
+    path, i = base, 1
+    while path.exists():
+        path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return path
+
+
+class Run:
+    """One run: a directory of local files, mirrored to a W&B run.
+
+    Args:
+        run_dir: the directory (created; it must not already hold a run unless ``resume=True``).
+        config: logged as ``config.json`` and as the W&B config.
+        wandb_mode: ``"offline"`` (default), ``"online"`` or ``"disabled"``.
+        project, name, group, job_type, tags: W&B run fields.
+        resume: reopen an existing run directory (its W&B run id is reused).
+    """
+
+    def __init__(self, run_dir: str | Path, config: Mapping[str, Any], *, wandb_mode: str = "offline",
+                 project: str = "sed-lens", name: str | None = None, group: str | None = None,
+                 job_type: str | None = None, tags: tuple[str, ...] = (), resume: bool = False) -> None:
+        check(wandb_mode in WANDB_MODES, f"unknown W&B mode {wandb_mode!r}; choose from {', '.join(WANDB_MODES)}.")
+        self.dir = Path(run_dir)
+        self.config = to_jsonable(dict(config))
+        self.wandb_mode = wandb_mode
+        if resume:
+            check(self.dir.is_dir(), f"cannot resume: run directory {self.dir} does not exist.")
+            check((self.dir / "config.json").is_file(),
+                  f"cannot resume: {self.dir} holds no config.json, so it is not a run directory.")
+        else:
+            check(not (self.dir / "metrics.jsonl").exists(),
+                  f"run directory {self.dir} already holds a run; choose another directory or resume it.")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise SedLensError(f"cannot write to run directory {self.dir}: {e.strerror or e}.") from None
+        meta_path = self.dir / "run.json"
+        meta = json.loads(meta_path.read_text()) if resume and meta_path.exists() else {}
+        self.wandb_id: str = meta.get("wandb_id") or _new_wandb_id()
+        if not resume:
+            write_json(self.dir / "config.json", self.config)
+        write_json(meta_path, {"wandb_id": self.wandb_id, "wandb_mode": wandb_mode, "project": project,
+                               "created": meta.get("created", time.strftime("%Y-%m-%d %H:%M:%S")),
+                               "command": " ".join(sys.argv)})
+        self._metrics = open(self.dir / "metrics.jsonl", "a")
+        self._wandb: Any = None
+        self._wandb_failed = False
+        if wandb_mode != "disabled":
+            self._wandb_call("start", self._start_wandb, project, name or self.dir.name, group, job_type, tags, resume)
+
+    # --- W&B ---------------------------------------------------------------------------------------------
+    def _start_wandb(self, project: str, name: str, group: str | None, job_type: str | None,
+                     tags: tuple[str, ...], resume: bool) -> None:
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self._wandb = wandb.init(
+            mode=self.wandb_mode,  # type: ignore[arg-type]
+            dir=str(self.dir), project=project, name=name, group=group, job_type=job_type,
+            tags=list(tags), config=self.config, id=self.wandb_id, resume="allow" if resume else None,
+            reinit="create_new",
+        )
+
+    def _wandb_call(self, what: str, fn: Any, *args: Any) -> Any:
+        """Run a W&B call; on failure warn once, drop W&B and carry on with the local files."""
+        if self._wandb_failed:
+            return None
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - any W&B failure must not stop a run
+            self._wandb_failed = True
+            self._wandb = None
+            msg = f"W&B {what} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); " \
+                  f"continuing with local files in {self.dir}."
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            return None
+
+    @property
+    def wandb_run(self) -> Any:
+        """The live ``wandb.Run`` (None when W&B is disabled or failed)."""
+        return self._wandb
+
+    # --- logging -----------------------------------------------------------------------------------------
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Append ``{"step": step, **metrics}`` to ``metrics.jsonl`` and log it to W&B."""
+        row = to_jsonable({"step": step, **metrics})
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        if self._wandb is not None:
+            self._wandb_call("log", self._wandb.log, {k: v for k, v in row.items() if k != "step"}, step)
+
+    def log_wandb(self, data: Mapping[str, Any], step: int | None = None) -> None:
+        """Log W&B-only objects (tables, images) — nothing is written locally."""
+        if self._wandb is not None:
+            self._wandb_call("log", self._wandb.log, dict(data), step)
+
+    def summary(self, summary: Mapping[str, Any]) -> None:
+        """Write ``summary.json`` (merged with what is there) and the W&B run summary."""
+        path = self.dir / "summary.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        data = {**old, **to_jsonable(dict(summary))}
+        write_json(path, data)
+        if self._wandb is not None:
+            self._wandb_call("summary", self._wandb.summary.update, data)
+
+    def save_json(self, name: str, obj: Any) -> Path:
+        path = self.dir / name
+        write_json(path, obj)
+        return path
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Drop logged rows after ``last_step`` (used when resuming from a checkpoint)."""
+        self._metrics.close()
+        path = self.dir / "metrics.jsonl"
+        rows = [r for r in read_jsonl(path) if r.get("step", -1) <= last_step] if path.exists() else []
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        self._metrics = open(path, "a")
+
+    def sync_hint(self) -> str | None:
+        """The ``wandb sync`` command for an offline run."""
+        if self.wandb_mode != "offline" or self._wandb_failed:
+            return None
+        return f"wandb sync {self.dir}/wandb/offline-run-*"
+
+    def finish(self) -> None:
+        if not self._metrics.closed:
+            self._metrics.close()
+        if self._wandb is not None:
+            self._wandb_call("finish", self._wandb.finish)
+            self._wandb = None
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
+
+
+def _new_wandb_id() -> str:
+    import random
+    import string
+
+    return "".join(random.SystemRandom().choice(string.ascii_lowercase + string.digits) for _ in range(8))

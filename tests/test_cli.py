@@ -1,0 +1,65 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sed_lens.cli import run_cli
+from sed_lens.experiments import grokking
+
+
+def call(argv, capsys):
+    """Run the grokking CLI in-process; returns (exit code, stdout, stderr)."""
+    try:
+        code = run_cli(grokking.main, argv, prog="grokking")
+    except SystemExit as e:  # argparse: --help and bad flags
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help(capsys):
+    code, out, _ = call(["--help"], capsys)
+    assert code == 0
+    for flag in ("--op", "--ops", "--p", "--seed", "--preset", "--init", "--steps", "--batch-size", "--lr",
+                 "--weight-decay", "--train-frac", "--run-dir", "--wandb-mode", "--wandb-project"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["--p", "seven"], ["--preset", "gpt2"], ["--init", "xavier"],
+                                  ["--wandb-mode", "sometimes"], ["--steps", "1.5"], ["--p", "1"],
+                                  ["--op", "pow"], ["--train-frac", "1.0"], ["--lr", "-1"], ["--ops", ","],
+                                  ["--preset", "nanda2023", "--p", "1"]])
+def test_bad_flags_give_one_line_and_exit_2(argv, capsys, tmp_path):
+    code, out, err = call([*argv, "--run-dir", str(tmp_path / "r"), "--wandb-mode", "disabled"][: len(argv) + (
+        0 if "--wandb-mode" in argv else 4)], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "error" in err and "Traceback" not in err
+
+
+def test_a_short_run_writes_a_run_directory(tmp_path, capsys):
+    rd = tmp_path / "run"
+    code, out, err = call(["--op", "add", "--p", "11", "--steps", "30", "--run-dir", str(rd), "--wandb-mode",
+                           "disabled", "--no-progress", "--eval-every", "10"], capsys)
+    assert code == 0, err
+    assert "grok step" in out and str(rd) in out
+    assert {"config.json", "metrics.jsonl", "summary.json", "checkpoints"} <= {p.name for p in rd.iterdir()}
+    summary = json.loads((rd / "summary.json").read_text())
+    assert summary["steps"] == 30 and set(summary["grok_step"]) == {"add"}
+    config = json.loads((rd / "config.json").read_text())
+    assert config["p"] == 11 and config["model"]["readout"]["position"] == 0
+    code, _, err = call(["--p", "11", "--run-dir", str(rd), "--wandb-mode", "disabled"], capsys)
+    assert code == 2 and "already holds a run" in err
+
+
+def test_multitask_run_reports_a_grok_step_per_op(tmp_path, capsys):
+    code, out, err = call(["--ops", "add,sub,mul,sq", "--p", "7", "--steps", "10", "--eval-every", "5",
+                           "--run-dir", str(tmp_path / "m"), "--wandb-mode", "disabled", "--no-progress"], capsys)
+    assert code == 0, err
+    assert all(f"{op}: grok step" in out for op in ("add", "sub", "mul", "sq"))
+
+
+def test_subprocess_bad_flag_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sed_lens.experiments.grokking", "--p", "x"], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr

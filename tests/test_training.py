@@ -1,0 +1,168 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sed_lens.errors import SedLensError
+from sed_lens.models import build_model
+from sed_lens.tasks import ModularArithmetic
+from sed_lens.tracking import Run, read_jsonl
+from sed_lens.training import Callback, TrainConfig, Trainer, evaluate
+
+
+def quick(steps=60, **kw):
+    return TrainConfig(steps=steps, eval_every=20, checkpoint_every=0, **kw)
+
+
+def test_trainer_lowers_the_loss(tiny_task):
+    model = build_model("xu2026", tiny_task, seed=0)
+    res = Trainer(model, tiny_task, quick(150, weight_decay=0.1), progress=False).fit()
+    first, last = res.history[0], res.history[-1]
+    assert last["train/loss"] < 0.5 * first["train/loss"]
+    assert res.steps == 150 and [r["step"] for r in res.history] == [0, 20, 40, 60, 80, 100, 120, 140]
+
+
+def test_evaluate_matches_a_manual_computation(tiny_multitask):
+    model = build_model("xu2026", tiny_multitask, seed=1)
+    out = evaluate(model, tiny_multitask)
+    with torch.no_grad():
+        x, y = tiny_multitask.test
+        logits = model(x)[:, 0, 22:33]  # mul head
+        acc = (logits.argmax(-1) == y["mul"]).float().mean().item()
+        loss = torch.nn.functional.cross_entropy(logits, y["mul"]).item()
+    assert out["test/acc/mul"] == pytest.approx(acc) and out["test/loss/mul"] == pytest.approx(loss, rel=1e-5)
+    assert out["test/acc"] == pytest.approx(np.mean([out[f"test/acc/{o}"] for o in tiny_multitask.ops]))
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_train_start(self, t):
+        self.events.append(("start", t.step))
+
+    def on_before_step(self, t):
+        self.events.append(("before", t.step))
+
+    def on_after_step(self, t):
+        self.events.append(("after", t.step))
+
+    def on_eval(self, t, metrics):
+        self.events.append(("eval", t.step))
+        metrics["custom"] = 1.0
+
+    def on_train_end(self, t):
+        self.events.append(("end", t.step))
+
+
+def test_callbacks_fire_in_documented_order(tiny_task):
+    rec = Recorder()
+    model = build_model("xu2026", tiny_task, seed=0)
+    res = Trainer(model, tiny_task, TrainConfig(steps=4, eval_every=2, checkpoint_every=0), [rec], progress=False).fit()
+    assert rec.events == [("start", 0), ("eval", 0), ("before", 1), ("after", 1), ("before", 2), ("after", 2),
+                          ("eval", 2), ("before", 3), ("after", 3), ("before", 4), ("after", 4), ("eval", 4),
+                          ("end", 4)]
+    assert all(r["custom"] == 1.0 for r in res.history)
+
+
+class FreezeAttention(Callback):
+    """Zero the attention weights' gradients and check the clip has already happened."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_before_step(self, t):
+        grads = [p.grad for p in t.model.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        t.model.blocks[0].attn.W_Q.grad.zero_()
+
+
+def test_callbacks_see_clipped_gradients_and_can_edit_them(tiny_task):
+    model = build_model("xu2026", tiny_task, seed=0)
+    before_q = model.blocks[0].attn.W_Q.detach().clone()
+    before_k = model.blocks[0].attn.W_K.detach().clone()
+    cb = FreezeAttention()
+    cfg = TrainConfig(steps=5, eval_every=5, checkpoint_every=0, grad_clip=0.01, weight_decay=0.0)
+    Trainer(model, tiny_task, cfg, [cb], progress=False).fit()
+    assert max(cb.norms) <= 0.01 * (1 + 1e-4)
+    assert torch.equal(model.blocks[0].attn.W_Q, before_q)  # zero grad, no weight decay: unchanged
+    assert not torch.equal(model.blocks[0].attn.W_K, before_k)
+
+
+class ScriptedAccuracy(Callback):
+    """Replace the measured test accuracy by a script, to test the stop rule exactly."""
+
+    def __init__(self, accs):
+        self.accs = list(accs)
+
+    def on_eval(self, t, metrics):
+        metrics["test/acc/add"] = self.accs.pop(0)
+
+
+def test_stop_rule_needs_consecutive_evals_and_grok_step_is_first_eval_above_half(tiny_task):
+    model = build_model("xu2026", tiny_task, seed=0)
+    script = ScriptedAccuracy([0.0, 0.2, 0.6, 0.99, 0.99, 0.4, 0.99, 0.99, 0.99, 0.1, 0.1])
+    cfg = TrainConfig(steps=400, eval_every=10, checkpoint_every=0, stop_patience=3)
+    res = Trainer(model, tiny_task, cfg, [script], progress=False).fit()
+    assert res.stopped_early and res.steps == 80  # 3 consecutive evals >= 0.98 end at step 80, not 40
+    assert res.grok_step["add"] == 20
+    assert len(script.accs) == 2
+
+
+def test_checkpoint_resume_is_bit_identical(tmp_path, tiny_task):
+    cfg = TrainConfig(steps=40, eval_every=10, checkpoint_every=20)
+    full = Trainer(build_model("xu2026", tiny_task, seed=0), tiny_task, cfg, progress=False).fit()
+    with Run(tmp_path / "a", {}, wandb_mode="disabled") as run:
+        t = Trainer(build_model("xu2026", tiny_task, seed=0), tiny_task, TrainConfig(steps=20, eval_every=10,
+                    checkpoint_every=20), run=run, progress=False)
+        t.fit()
+    with Run(tmp_path / "a", {}, wandb_mode="disabled", resume=True) as run:
+        t2 = Trainer(build_model("xu2026", tiny_task, seed=5), tiny_task, cfg, run=run, progress=False)
+        res = t2.fit(resume_from=run.dir / "checkpoints" / "last.pt")
+    assert res.final == full.final
+    rows = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 10, 20, 30, 40]
+
+
+def test_corrupted_checkpoint_gives_a_clear_error(tmp_path, tiny_task):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    t = Trainer(build_model("xu2026", tiny_task), tiny_task, quick(), progress=False)
+    with pytest.raises(SedLensError, match="truncated or corrupted"):
+        t.load_checkpoint(bad)
+    with pytest.raises(SedLensError, match="does not exist"):
+        t.load_checkpoint(tmp_path / "missing.pt")
+
+
+class Poison(Callback):
+    def on_before_step(self, t):
+        if t.step == 3:
+            next(iter(t.model.parameters())).data.fill_(math.nan)
+
+
+def test_nan_stops_training_with_a_clear_message(tiny_task):
+    t = Trainer(build_model("xu2026", tiny_task), tiny_task, quick(10), [Poison()], progress=False)
+    with pytest.raises(SedLensError, match="diverged at step 4"):
+        t.fit()
+
+
+@pytest.mark.parametrize("kw,match", [(dict(steps=-1), "steps"), (dict(batch_size=0), "batch size"),
+                                      (dict(lr=0), "learning rate"), (dict(eval_every=0), "eval-every"),
+                                      (dict(beta2=1.0), "betas"), (dict(stop_acc=1.5), "stop accuracy"),
+                                      (dict(grad_clip=-1), "grad clip")])
+def test_bad_train_config(kw, match, tiny_task):
+    with pytest.raises(SedLensError, match=match):
+        Trainer(build_model("xu2026", tiny_task), tiny_task, TrainConfig(**kw))
+
+
+def test_trainer_rejects_a_model_without_the_tasks_heads(tiny_task, tiny_multitask):
+    with pytest.raises(SedLensError, match="no head for op"):
+        Trainer(build_model("xu2026", ModularArithmetic(p=11, ops=("add", "sub"))), tiny_multitask)
+
+
+def test_reruns_are_bit_identical(tiny_multitask):
+    cfg = TrainConfig(steps=30, eval_every=10, checkpoint_every=0)
+    a = Trainer(build_model("xu2026", tiny_multitask, seed=3), tiny_multitask, cfg, progress=False).fit()
+    b = Trainer(build_model("xu2026", tiny_multitask, seed=3), tiny_multitask, cfg, progress=False).fit()
+    assert a.history == b.history
