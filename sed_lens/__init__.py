@@ -3,8 +3,11 @@
 A TransformerLens extension implementing Xu (2026), arXiv 2604.25143. Models are ``HookedTransformer``s.
 """
 
+from sed_lens.analysis.sed import RollingSED
 from sed_lens.errors import SedLensError
+from sed_lens.hooks.capture import GradientCapture, capture_task_gradients
 from sed_lens.models import PRESETS, Readout, build_model, get_readout, set_readout, task_logits
+from sed_lens.subspace import ParamSubspace
 from sed_lens.tasks import ModularArithmetic, available_ops, register_op
 from sed_lens.tracking import Run
 from sed_lens.training import Callback, TrainConfig, Trainer, TrainResult, evaluate
@@ -14,6 +17,10 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "Callback",
+    "GradientCapture",
+    "ParamSubspace",
+    "RollingSED",
+    "capture_task_gradients",
     "ModularArithmetic",
     "Readout",
     "Run",

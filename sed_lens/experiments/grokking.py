@@ -14,6 +14,7 @@ from typing import Any
 
 from sed_lens.cli import config_from_args, csv, parser_for, run_cli
 from sed_lens.errors import check
+from sed_lens.hooks.capture import GradientCapture
 from sed_lens.models import INITS, PRESETS, build_model, get_preset, model_spec
 from sed_lens.tasks import ModularArithmetic
 from sed_lens.tracking import WANDB_MODES, Run, default_run_dir
@@ -35,6 +36,12 @@ class GrokkingConfig:
                 "default: the preset's", "choices": INITS})
     train_frac: float = field(default=0.5, metadata={"help": "fraction of the pairs used for training"})
     train: TrainConfig = field(default_factory=TrainConfig)
+    sed: tuple[str, ...] = field(default=(), metadata={
+        "help": "capture rolling SED while training from these sources: update, gradient, task_gradient "
+                "(comma-separated; default: none)", "parse": csv(), "metavar": "SOURCES"})
+    sed_window: int = field(default=20, metadata={"help": "SED window W (snapshots)"})
+    sed_k: int = field(default=3, metadata={"help": "SED directions k"})
+    sed_every: int = field(default=25, metadata={"help": "SED snapshot interval (steps)"})
     run_dir: str | None = field(default=None, metadata={"help": "run directory (default: runs/grokking/NAME-TIME)"})
     wandb_mode: str = field(default="offline", metadata={"help": "W&B mode", "choices": WANDB_MODES})
     wandb_project: str = field(default="sed-lens", metadata={"help": "W&B project"})
@@ -53,9 +60,17 @@ def build(cfg: GrokkingConfig) -> tuple[ModularArithmetic, Any]:
     return task, model
 
 
+def capture_callbacks(cfg: GrokkingConfig) -> list[Callback]:
+    """The SED capture asked for by ``--sed`` (none by default)."""
+    if not cfg.sed:
+        return []
+    return [GradientCapture(sources=cfg.sed, window=cfg.sed_window, k=cfg.sed_k, every=cfg.sed_every)]
+
+
 def run(cfg: GrokkingConfig, callbacks: Sequence[Callback] = ()) -> tuple[TrainResult, Run]:
     """Train ``cfg`` in a new run directory; returns the result and the (finished) run."""
     cfg.train.validate()
+    callbacks = [*capture_callbacks(cfg), *callbacks]
     task, model = build(cfg)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir("grokking", cfg.name)
     config = {"experiment": "grokking", **asdict(cfg), "task": task.describe(), "model": model_spec(model)}
@@ -74,6 +89,9 @@ def report(cfg: GrokkingConfig, result: TrainResult, tracker: Run) -> str:
         g = result.grok_step[op]
         lines.append(f"  {op:>4}: grok step {g if g is not None else 'not reached'} | "
                      f"train acc {result.final[f'train/acc/{op}']:.3f} | test acc {result.final[f'test/acc/{op}']:.3f}")
+    if cfg.sed:
+        lines.append(f"  SED ({', '.join(cfg.sed)}, W={cfg.sed_window}, k={cfg.sed_k}, every {cfg.sed_every} steps): "
+                     f"spectra in metrics.jsonl, final bases in {tracker.dir / 'sed_bases.pt'}")
     lines.append(f"  run directory: {tracker.dir}")
     hint = tracker.sync_hint()
     if hint:

@@ -1,0 +1,1 @@
+"""Analysis: rolling SED directions, LCH centroids, SED–LCH coupling."""

@@ -1,0 +1,1 @@
+"""Training-time hooks: gradient capture and subspace interventions."""
