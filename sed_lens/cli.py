@@ -104,6 +104,27 @@ def config_from_args(cls: type[C], ns: argparse.Namespace) -> C:
     return cls(**kwargs)
 
 
+def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Build the (nested) config dataclass ``cls`` from a dict such as ``asdict(config)`` or a JSON file;
+    lists become tuples where the field's default is a tuple. Unknown keys raise :class:`SedLensError`."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SedLensError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}.")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in data:
+            continue
+        value, tp = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            value = config_from_dict(tp, value)  # type: ignore[arg-type]
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None,
             prog: str = "sed_lens") -> int:
     """Run ``main(argv)``; a :class:`SedLensError` becomes one line on stderr and exit status 2."""

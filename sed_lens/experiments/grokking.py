@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sed_lens.cli import config_from_args, csv, parser_for, run_cli
+from sed_lens.cli import config_from_args, config_from_dict, csv, parser_for, run_cli
 from sed_lens.errors import check
 from sed_lens.hooks.capture import GradientCapture
 from sed_lens.models import INITS, PRESETS, build_model, get_preset, model_spec
@@ -78,6 +78,13 @@ def run(cfg: GrokkingConfig, callbacks: Sequence[Callback] = ()) -> tuple[TrainR
              job_type="grokking") as tracker:
         result = Trainer(model, task, cfg.train, callbacks, run=tracker, progress=cfg.progress).fit()
     return result, tracker
+
+
+def grid_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Grid target (:mod:`sed_lens.grid`): one grokking run of ``config`` (a ``GrokkingConfig`` dict) in ``run_dir``."""
+    cfg = config_from_dict(GrokkingConfig, {**config, "run_dir": run_dir, "progress": False})
+    result, _ = run(cfg)
+    return result.summary()
 
 
 def report(cfg: GrokkingConfig, result: TrainResult, tracker: Run) -> str:
