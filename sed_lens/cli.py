@@ -80,6 +80,10 @@ def parser_for(cls: type, prog: str, description: str, epilog: str | None = None
         scalar = _scalar_type(tp)
         if scalar is bool:
             kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(scalar) is tuple:
+            item = (typing.get_args(scalar) or (str,))[0]
+            kw["type"] = meta.get("parse", csv(item if item in (int, float, str) else str))
+            kw["metavar"] = meta.get("metavar", "A,B,…")
         else:
             kw["type"] = meta.get("parse", scalar if scalar in (int, float, str) else str)
             kw["metavar"] = meta.get("metavar")

@@ -89,7 +89,8 @@ def execute_cell(cell: Cell, run_dir: str, threads: int | None = 1) -> dict[str,
     finally:
         torch.set_num_threads(before)
     summary = to_jsonable(summary if summary is not None else {})
-    write_json(path / MARKER, {"name": cell.name, "target": cell.target, "config": cell.config, "summary": summary})
+    write_json(path / MARKER, {"name": cell.name, "target": cell.target, "config": to_jsonable(cell.config),
+                               "summary": summary})
     return summary  # type: ignore[no-any-return]
 
 
@@ -107,8 +108,9 @@ def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", wo
              desc: str = "grid") -> list[CellResult]:
     """Run every incomplete cell of ``cells`` under ``root``; results in the order of ``cells``.
 
-    A cell that raises is reported in its :class:`CellResult` (``error``) and the others still run; call
-    :func:`raise_failures` to turn failures into one error.
+    A cell is skipped when its directory holds a ``cell.json`` with the same config; one with another config is
+    run again. A cell that raises is reported in its :class:`CellResult` (``error``) and the others still run;
+    call :func:`raise_failures` to turn failures into one error.
     """
     check(backend in BACKENDS, f"unknown grid backend {backend!r}; choose {' or '.join(BACKENDS)}.")
     workers = max(1, (os.cpu_count() or 1) // max(1, threads)) if workers is None else workers
@@ -124,10 +126,11 @@ def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", wo
     todo: list[Cell] = []
     for c in cells:
         run_dir = root / c.name
-        if is_complete(run_dir):
-            results[c.name] = CellResult(c.name, str(run_dir), load_cell(run_dir)["summary"], skipped=True)
+        done = load_cell(run_dir) if is_complete(run_dir) else None
+        if done is not None and done.get("config") == to_jsonable(c.config):
+            results[c.name] = CellResult(c.name, str(run_dir), done["summary"], skipped=True)
         else:
-            todo.append(c)
+            todo.append(c)  # never run, interrupted, or run with another config
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=desc, unit="run", disable=not progress,
                dynamic_ncols=True)
     try:

@@ -169,16 +169,18 @@ class ParamSubspace:
         check(not missing, f"flatten needs tensors for {', '.join(missing)}.")
         return torch.cat([self._select(s, tensors[s.name].detach()).reshape(-1) for s in self.slices])
 
-    def unflatten(self, vec: Float[Tensor, " P"], full: bool = False) -> dict[str, Tensor]:
-        """``{parameter name: tensor}`` from a flat vector: the selected parts, or ``full=True`` full-shape
-        tensors with zeros outside the selection."""
-        self._check_vec(vec)
+    def unflatten(self, vec: Float[Tensor, "*batch P"], full: bool = False) -> dict[str, Tensor]:
+        """``{parameter name: tensor}`` from a flat vector (or a batch ``[..., P]`` of them): the selected parts,
+        or ``full=True`` full-shape tensors with zeros outside the selection."""
+        self._check_vec(vec, batched=True)
+        lead = tuple(vec.shape[:-1])
         out: dict[str, Tensor] = {}
         for s in self.slices:
-            part = vec[s.offset:s.stop].reshape(s.shape)
+            part = vec[..., s.offset:s.stop].reshape(*lead, *s.shape)
             if full and s.heads:
-                z = torch.zeros(self._params[s.name].shape, dtype=vec.dtype, device=vec.device)
-                out[s.name] = z.index_copy(0, self._index[s.name].to(vec.device), part)
+                shape = (*lead, *self._params[s.name].shape)
+                z = torch.zeros(shape, dtype=vec.dtype, device=vec.device)
+                out[s.name] = z.index_copy(len(lead), self._index[s.name].to(vec.device), part)
             else:
                 out[s.name] = part
         return out
@@ -218,8 +220,9 @@ class ParamSubspace:
             else:
                 target.copy_(part)
 
-    def _check_vec(self, vec: Tensor) -> None:
-        if not isinstance(vec, Tensor) or vec.ndim != 1 or vec.shape[0] != self.dim:
+    def _check_vec(self, vec: Tensor, batched: bool = False) -> None:
+        ok_ndim = vec.ndim >= 1 if isinstance(vec, Tensor) and batched else isinstance(vec, Tensor) and vec.ndim == 1
+        if not ok_ndim or vec.shape[-1] != self.dim:
             shape = tuple(vec.shape) if isinstance(vec, Tensor) else type(vec).__name__
             raise SedLensError(f"expected a vector of the subspace's dimension {self.dim}, got shape {shape}.")
 

@@ -47,7 +47,9 @@ def test_a_short_run_writes_a_run_directory(tmp_path, capsys):
     summary = json.loads((rd / "summary.json").read_text())
     assert summary["steps"] == 30 and set(summary["grok_step"]) == {"add"}
     config = json.loads((rd / "config.json").read_text())
-    assert config["p"] == 11 and config["model"]["readout"]["position"] == 0
+    assert config["p"] == 11 and config["train"]["steps"] == 30
+    model = json.loads((rd / "model.json").read_text())
+    assert model["model"]["readout"]["position"] == 0 and model["task"]["n_train"] == 60
     code, _, err = call(["--p", "11", "--run-dir", str(rd), "--wandb-mode", "disabled"], capsys)
     assert code == 2 and "already holds a run" in err
 

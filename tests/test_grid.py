@@ -25,6 +25,8 @@ def test_local_grid_runs_cells_skips_complete_ones_and_reruns_interrupted(tmp_pa
     second = run_grid(cells, tmp_path, workers=1, progress=False)
     assert [r.skipped for r in second] == [True, False]
     assert second[1].summary["final"] == first[1].summary["final"]  # deterministic rerun
+    changed = run_grid([cell("s0", 0, p=11)], tmp_path, workers=1, progress=False)
+    assert not changed[0].skipped  # same name, another config: run again
 
 
 def test_process_pool_gives_the_same_results_as_in_process(tmp_path):

@@ -15,6 +15,7 @@ from typing import Any
 from sed_lens.cli import config_from_args, config_from_dict, csv, parser_for, run_cli
 from sed_lens.errors import check
 from sed_lens.hooks.capture import GradientCapture
+from sed_lens.hooks.snapshots import SnapshotStore
 from sed_lens.models import INITS, PRESETS, build_model, get_preset, model_spec
 from sed_lens.tasks import ModularArithmetic
 from sed_lens.tracking import WANDB_MODES, Run, default_run_dir
@@ -42,6 +43,9 @@ class GrokkingConfig:
     sed_window: int = field(default=20, metadata={"help": "SED window W (snapshots)"})
     sed_k: int = field(default=3, metadata={"help": "SED directions k"})
     sed_every: int = field(default=25, metadata={"help": "SED snapshot interval (steps)"})
+    snapshot_every: int = field(default=0, metadata={
+        "help": "save the model state every N steps to RUN_DIR/snapshots for offline analyses, "
+                "e.g. python -m sed_lens.experiments.coupling --from-run (0: off)"})
     run_dir: str | None = field(default=None, metadata={"help": "run directory (default: runs/grokking/NAME-TIME)"})
     wandb_mode: str = field(default="offline", metadata={"help": "W&B mode", "choices": WANDB_MODES})
     wandb_project: str = field(default="sed-lens", metadata={"help": "W&B project"})
@@ -60,23 +64,41 @@ def build(cfg: GrokkingConfig) -> tuple[ModularArithmetic, Any]:
     return task, model
 
 
-def capture_callbacks(cfg: GrokkingConfig) -> list[Callback]:
-    """The SED capture asked for by ``--sed`` (none by default)."""
-    if not cfg.sed:
-        return []
-    return [GradientCapture(sources=cfg.sed, window=cfg.sed_window, k=cfg.sed_k, every=cfg.sed_every)]
+def capture_callbacks(cfg: GrokkingConfig, run_dir: Path | None = None) -> list[Callback]:
+    """The SED capture asked for by ``--sed`` and the snapshots asked for by ``--snapshot-every``."""
+    out: list[Callback] = []
+    if cfg.sed:
+        out.append(GradientCapture(sources=cfg.sed, window=cfg.sed_window, k=cfg.sed_k, every=cfg.sed_every))
+    check(cfg.snapshot_every >= 0, f"snapshot-every must be non-negative, got {cfg.snapshot_every}.")
+    if cfg.snapshot_every and run_dir is not None:
+        out.append(SnapshotStore(cfg.snapshot_every, run_dir / "snapshots"))
+    return out
+
+
+def open_run(cfg: GrokkingConfig, config: dict[str, Any] | None = None, job_type: str = "grokking") -> Run:
+    """The run directory (and W&B run) of ``cfg``; ``config`` is logged (default: ``cfg``)."""
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(job_type, cfg.name)
+    return Run(run_dir, config if config is not None else {"experiment": "grokking", **asdict(cfg)},
+               wandb_mode=cfg.wandb_mode, project=cfg.wandb_project, name=cfg.name, job_type=job_type)
+
+
+def train(cfg: GrokkingConfig, tracker: Run | None, callbacks: Sequence[Callback] = ()) -> tuple[TrainResult, ModularArithmetic, Any]:
+    """Build and train ``cfg``'s model, logging to ``tracker``; returns the result, the task and the model."""
+    cfg.train.validate()
+    callbacks = [*capture_callbacks(cfg, tracker.dir if tracker is not None else None), *callbacks]
+    task, model = build(cfg)
+    if tracker is not None:
+        tracker.save_json("model.json", {"task": task.describe(), "model": model_spec(model)})
+    result = Trainer(model, task, cfg.train, callbacks, run=tracker, progress=cfg.progress).fit()
+    return result, task, model
 
 
 def run(cfg: GrokkingConfig, callbacks: Sequence[Callback] = ()) -> tuple[TrainResult, Run]:
     """Train ``cfg`` in a new run directory; returns the result and the (finished) run."""
     cfg.train.validate()
-    callbacks = [*capture_callbacks(cfg), *callbacks]
-    task, model = build(cfg)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir("grokking", cfg.name)
-    config = {"experiment": "grokking", **asdict(cfg), "task": task.describe(), "model": model_spec(model)}
-    with Run(run_dir, config, wandb_mode=cfg.wandb_mode, project=cfg.wandb_project, name=cfg.name,
-             job_type="grokking") as tracker:
-        result = Trainer(model, task, cfg.train, callbacks, run=tracker, progress=cfg.progress).fit()
+    capture_callbacks(cfg)  # validate the SED flags before creating the run directory
+    with open_run(cfg) as tracker:
+        result, _, _ = train(cfg, tracker, callbacks)
     return result, tracker
 
 

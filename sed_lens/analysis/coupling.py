@@ -1,0 +1,152 @@
+"""Perturbative SED–LCH coupling: how strongly moving the weights along a direction moves the centroids.
+
+For a unit direction v in a :class:`~sed_lens.subspace.ParamSubspace` S, the centroid response is
+
+    A(v) = mean over probes x of ‖ d/dε μ_x(θ + ε v) |_{ε=0} ‖²,
+
+the mean squared norm of the directional derivative of the probes' centroids (see
+:mod:`sed_lens.analysis.centroids`). ``method="jvp"`` computes it exactly by forward-over-reverse autodiff (a
+``torch.func.jvp`` of the centroid gradient, ``vmap``-ed over directions in chunks); ``method="fd"`` uses the
+paper's central difference (μ(θ + εv) − μ(θ − εv)) / 2ε with ε = ``eps_rel``·‖θ_S‖. The coupling of k
+directions is R_j = A(v_j) / median_r A(r) over random unit directions r in S, and R̄ = mean_j R_j.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from sed_lens.analysis.centroids import DEFAULT_SITE, CentroidMap, Readout
+from sed_lens.errors import check
+from sed_lens.subspace import ParamSubspace
+
+METHODS = ("jvp", "fd")
+Probes = tuple[Int[Tensor, "n pos"], Mapping[str, Tensor] | Tensor | None]
+
+
+def perturbation_scale(model: HookedTransformer, subspace: ParamSubspace, eps_rel: float) -> float:
+    """The paper's ε = eps_rel · ‖θ_S‖ (the norm of the subspace's weights at this point of training)."""
+    return eps_rel * float(torch.linalg.vector_norm(subspace.weights(model).double()))
+
+
+def centroid_response(model: HookedTransformer, subspace: ParamSubspace, directions: Float[Tensor, "n P"],
+                      probes: Probes, method: str = "jvp", eps_rel: float = 0.005, site: str = DEFAULT_SITE,
+                      readout: Readout = "correct_logit", task: str | None = None, chunk_size: int = 8,
+                      probe_batch: int | None = None) -> Float[Tensor, " n"]:
+    """A(v) for each row v of ``directions`` (``[n, P]``; rows are used as given, so pass unit vectors).
+
+    Args:
+        probes: ``(tokens, labels)`` as returned by ``task.probes(n)``.
+        method: ``"jvp"`` (exact) or ``"fd"`` (central difference with ε = eps_rel·‖θ_S‖).
+        site, readout, task: the centroid (see :func:`sed_lens.analysis.centroids.centroids`).
+        chunk_size: directions per vectorised JVP (bounds memory).
+        probe_batch: probes per pass (default: all).
+    """
+    check(method in METHODS, f"unknown method {method!r}; choose {' or '.join(METHODS)}.")
+    check(isinstance(eps_rel, (int, float)) and eps_rel > 0, f"eps_rel must be positive, got {eps_rel!r}.")
+    check(isinstance(chunk_size, int) and chunk_size >= 1, f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    dirs = subspace.check_directions(directions)
+    tokens, labels = probes
+    cmap = CentroidMap(model, tokens, labels, site, readout, task)
+    base = {n: p.detach() for n, p in subspace.parameters_of(model).items()}
+    n_probes = tokens.shape[0]
+    pb = n_probes if probe_batch is None else probe_batch
+    check(pb >= 1, f"probe_batch must be positive, got {probe_batch}.")
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(dirs.shape[0], dtype=torch.float64)
+    try:
+        for lo in range(0, n_probes, pb):
+            rows = slice(lo, lo + pb)
+            if method == "jvp":
+                total += _jvp_sq(cmap, base, subspace, dirs, rows, chunk_size)
+            else:
+                eps = perturbation_scale(model, subspace, eps_rel)
+                total += _fd_sq(cmap, base, subspace, dirs, rows, eps)
+    finally:
+        model.train(was_training)
+    return (total / n_probes).to(torch.float32)
+
+
+def _jvp_sq(cmap: CentroidMap, base: dict[str, Tensor], subspace: ParamSubspace, dirs: Tensor, rows: slice,
+            chunk: int) -> Tensor:
+    """Σ over the probes in ``rows`` of ‖J_x v‖² for every direction, exactly (forward-over-reverse)."""
+
+    def tangent_sq(tangent: dict[str, Tensor]) -> Tensor:
+        dmu = torch.func.jvp(lambda p: cmap(p, rows), (base,), (tangent,))[1]
+        return (dmu.double() ** 2).sum()
+
+    out = []
+    for i in range(0, dirs.shape[0], chunk):
+        tangents = subspace.unflatten(dirs[i:i + chunk].to(next(iter(base.values())).dtype), full=True)
+        out.append(torch.func.vmap(tangent_sq)(tangents).detach())
+    return torch.cat(out)
+
+
+def _fd_sq(cmap: CentroidMap, base: dict[str, Tensor], subspace: ParamSubspace, dirs: Tensor, rows: slice,
+           eps: float) -> Tensor:
+    """Σ over the probes in ``rows`` of ‖(μ(θ+εv) − μ(θ−εv)) / 2ε‖² for every direction."""
+    out = torch.empty(dirs.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        for j in range(dirs.shape[0]):
+            t = subspace.unflatten(dirs[j].to(next(iter(base.values())).dtype), full=True)
+            plus = cmap({n: base[n] + eps * t[n] for n in base}, rows)
+            minus = cmap({n: base[n] - eps * t[n] for n in base}, rows)
+            out[j] = (((plus.double() - minus.double()) / (2 * eps)) ** 2).sum()
+    return out
+
+
+@dataclass
+class CouplingResult:
+    """R_j = A(v_j) / median_r A(r): the coupling of each direction relative to random directions in S."""
+
+    R: Float[Tensor, " k"]
+    A: Float[Tensor, " k"]
+    A_random: Float[Tensor, " n_random"]
+    method: str
+    eps: float | None  # the absolute ε of the finite difference (None for jvp)
+
+    @property
+    def R_mean(self) -> float:
+        """R̄ = mean over the directions of R_j."""
+        return float(self.R.mean())
+
+    @property
+    def median_random(self) -> float:
+        return float(self.A_random.median())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"R": self.R.tolist(), "R_mean": self.R_mean, "A": self.A.tolist(), "A_random": self.A_random.tolist(),
+                "median_random": self.median_random, "method": self.method, "eps": self.eps}
+
+
+def ratios(A: Tensor, A_random: Tensor) -> Tensor:
+    """R = A / median(A_random) (the median is the lower middle value for an even count, as ``torch.median``)."""
+    return A / A_random.median().clamp_min(torch.finfo(A.dtype).tiny)
+
+
+def coupling(model: HookedTransformer, subspace: ParamSubspace, directions: Float[Tensor, "k P"], probes: Probes,
+             n_random: int = 20, seed: int = 0, random_directions: Tensor | None = None, method: str = "jvp",
+             eps_rel: float = 0.005, **kwargs: Any) -> CouplingResult:
+    """Coupling ratios R_j of ``directions`` against ``n_random`` random unit directions of ``subspace``.
+
+    The random directions are drawn with ``torch.Generator().manual_seed(seed)`` (pass ``random_directions``
+    to supply your own). One :func:`centroid_response` call measures all directions together. Other keyword
+    arguments (``site``, ``readout``, ``task``, ``chunk_size``, ``probe_batch``) go to it.
+    """
+    dirs = subspace.check_directions(directions)
+    if random_directions is None:
+        check(isinstance(n_random, int) and n_random >= 1, f"n_random must be a positive integer, got {n_random!r}.")
+        random_directions = subspace.random_directions(n_random, torch.Generator().manual_seed(seed))
+    rand = subspace.check_directions(random_directions)
+    A_all = centroid_response(model, subspace, torch.cat([dirs, rand.to(dirs.dtype)]), probes, method=method,
+                              eps_rel=eps_rel, **kwargs)
+    A, A_random = A_all[:len(dirs)], A_all[len(dirs):]
+    eps = perturbation_scale(model, subspace, eps_rel) if method == "fd" else None
+    return CouplingResult(ratios(A, A_random), A, A_random, method, eps)

@@ -1,0 +1,322 @@
+"""SED–LCH coupling along grokking runs: ``python -m sed_lens.experiments.coupling``.
+
+Single task (default): ops add, sub, mul, sq × seeds 42, 137, 2024; each run trains the paper's model with a
+snapshot every 25 steps, then measures at 40 evenly spaced snapshots the coupling R_k of update SED and
+gradient SED (W 20, k 3), with the paper's leading window and the causal trailing window. ``--multitask``:
+the shared-encoder model with four heads, aggregated update and gradient SED vs per-op gradient SED at 30
+snapshots. ``--window-ablation`` (W ∈ {1, 2, 5, 10, 20, 40}) and ``--eps-ablation`` (finite differences at
+ε_rel ∈ {0.001, 0.005, 0.05}, JVP as the ε → 0 limit) on add, seed 42. Every run is a run directory under
+OUT/cells (rerunning skips finished runs); OUT gets coupling.json, coupling.md (ours beside the paper's) and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sed_lens import plots
+from sed_lens.analysis.trajectory import ScanConfig, scan_coupling
+from sed_lens.cli import config_from_args, config_from_dict, parser_for, run_cli
+from sed_lens.errors import check
+from sed_lens.experiments.grokking import GrokkingConfig, build, open_run, train
+from sed_lens.grid import BACKENDS, Cell, run_grid
+from sed_lens.hooks.snapshots import SnapshotStore
+from sed_lens.models import INITS, PRESETS
+from sed_lens.tasks import available_ops
+from sed_lens.tracking import WANDB_MODES, read_jsonl, write_json
+from sed_lens.training import TrainConfig
+
+WINDOWS = (1, 2, 5, 10, 20, 40)
+EPSILONS = (0.001, 0.005, 0.05)
+
+PAPER: dict[str, Any] = {
+    "single_update": "≈3–9× (add highest)",
+    "single_gradient": "100–330× (4 ops × 3 seeds)",
+    "single_gradient_mul": {42: 327, 137: 101, 2024: 217},
+    "window": {1: 648, 20: 212, 40: 140},
+    "eps": {0.001: 221, 0.005: 212, 0.05: 74},
+    "multitask_update": "≤ 1 for every task",
+    "multitask_per_op": {"add": 31.5, "sub": 44.9, "mul": 23.8, "sq": 21.8},
+}
+
+
+@dataclass
+class CouplingConfig:
+    """The coupling experiment: which runs, how they train, what is measured, where results go."""
+
+    ops: tuple[str, ...] = field(default=("add", "sub", "mul", "sq"), metadata={
+        "help": "ops of the single-task runs", "aliases": ("--op",)})
+    seeds: tuple[int, ...] = field(default=(42, 137, 2024), metadata={"help": "seeds", "aliases": ("--seed",)})
+    single: bool = field(default=True, metadata={"help": "run the single-task runs (--no-single: only what else is asked)"})
+    multitask: bool = field(default=False, metadata={"help": "also run the shared-encoder model with a head per op (all --ops)"})
+    window_ablation: bool = field(default=False, metadata={"help": "window-size ablation W in 1,2,5,10,20,40 on the ablation run"})
+    eps_ablation: bool = field(default=False, metadata={"help": "finite-difference eps ablation 0.001,0.005,0.05 on the ablation run"})
+    ablation_op: str | None = field(default=None, metadata={"help": "op of the ablation run (default: the first op, add)"})
+    ablation_seed: int | None = field(default=None, metadata={"help": "seed of the ablation run (default: the first seed, 42)"})
+    p: int = field(default=97, metadata={"help": "modulus"})
+    preset: str = field(default="xu2026", metadata={"help": "model preset", "choices": tuple(PRESETS)})
+    init: str | None = field(default=None, metadata={"help": "initialisation (default: the preset's)", "choices": INITS})
+    train_frac: float = field(default=0.5, metadata={"help": "fraction of pairs for training"})
+    every: int = field(default=25, metadata={"help": "snapshot interval (steps)"})
+    multitask_snapshots: int = field(default=30, metadata={"help": "measured snapshots of a multitask run"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    artifacts: bool = field(default=True, metadata={"help": "save per measured snapshot what recomputes its R values"})
+    out: str = field(default="runs/coupling", metadata={"help": "output directory (rerunning skips finished runs)"})
+    from_run: str | None = field(default=None, metadata={
+        "help": "analyse an existing grokking run directory saved with --snapshot-every instead of training"})
+    backend: str = field(default="local", metadata={"help": "where runs execute", "choices": BACKENDS})
+    workers: int | None = field(default=None, metadata={"help": "parallel runs (default: one per core)"})
+    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local Ray)"})
+    wandb_mode: str = field(default="offline", metadata={"help": "W&B mode", "choices": WANDB_MODES})
+    wandb_project: str = field(default="sed-lens", metadata={"help": "W&B project"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+
+# --- one run ------------------------------------------------------------------------------------------------
+def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Grid target: train one run with snapshots, measure the coupling along it, write the run directory."""
+    gcfg = config_from_dict(GrokkingConfig, {**config["grokking"], "run_dir": run_dir, "progress": False})
+    scan = config_from_dict(ScanConfig, config["scan"])
+    store = SnapshotStore(config["every"])
+    with open_run(gcfg, {"experiment": "coupling", **config}, job_type="coupling") as tracker:
+        result, task, model = train(gcfg, tracker, [store])
+        out = scan_coupling(model, task, store, scan, artifacts=Path(run_dir) / "artifacts" if config["artifacts"] else None,
+                            progress=False)
+        write_outputs(tracker.dir, out, result.history, task.ops)
+        tracker.summary({"coupling": out["summary"]})
+    return {"train": result.summary(), "coupling": out["summary"], "measured": out["measured"]}
+
+
+def write_outputs(run_dir: Path, out: dict[str, Any], history: Sequence[dict[str, Any]], ops: Sequence[str]) -> None:
+    write_json(run_dir / "coupling.json", out)
+    for op in ops:
+        plots.coupling_trajectory(out, history, op, run_dir / f"coupling_{op}.png",
+                                  title=f"SED–LCH coupling, {op} ({run_dir.name})")
+
+
+def analyse_existing(cfg: CouplingConfig) -> dict[str, Any]:
+    """``--from-run``: the coupling of a grokking run saved with ``--snapshot-every``."""
+    src = Path(cfg.from_run or "")
+    check((src / "config.json").is_file(), f"{src} is not a grokking run directory (no config.json).")
+    snap_dir = src / "snapshots"
+    check(snap_dir.is_dir() and any(snap_dir.glob("step_*.pt")),
+          f"{src} has no saved snapshots; train it with --snapshot-every 25 to analyse it afterwards.")
+    saved = json.loads((src / "config.json").read_text())
+    gcfg = config_from_dict(GrokkingConfig, {k: v for k, v in saved.items() if k != "experiment"})
+    task, model = build(gcfg)
+    store = SnapshotStore(gcfg.snapshot_every, snap_dir)
+    store.steps = sorted(int(p.stem.split("_")[1]) for p in snap_dir.glob("step_*.pt"))
+    out_dir = Path(cfg.out) / f"from-{src.name}"
+    scan = replace(cfg.scan, n_snapshots=cfg.multitask_snapshots if task.multitask else cfg.scan.n_snapshots)
+    out = scan_coupling(model, task, store, scan, artifacts=out_dir / "artifacts" if cfg.artifacts else None,
+                        progress=cfg.progress)
+    write_outputs(out_dir, out, read_jsonl(src / "metrics.jsonl"), task.ops)
+    print(f"coupling of {src}: {out_dir / 'coupling.json'}")
+    for op in task.ops:
+        for key, s in out["summary"][op].items():
+            print(f"  {op:>4} {key:<28} peak R̄ {s['peak_R_mean']:8.2f} at step {s['peak_step']:5d}, final {s['final_R_mean']:8.2f}")
+    return out
+
+
+# --- the grid -----------------------------------------------------------------------------------------------
+def ablation_run(cfg: CouplingConfig) -> tuple[str, int]:
+    """(op, seed) of the run that carries the ablations."""
+    return (cfg.ablation_op or cfg.ops[0], cfg.ablation_seed if cfg.ablation_seed is not None else cfg.seeds[0])
+
+
+def cells(cfg: CouplingConfig) -> list[Cell]:
+    """One cell per single-task (op, seed), per multitask seed; ablations ride on the ablation run."""
+    ab_op, ab_seed = ablation_run(cfg)
+    target = "sed_lens.experiments.coupling:coupling_cell"
+
+    def gconfig(ops: tuple[str, ...], seed: int) -> dict[str, Any]:
+        g = GrokkingConfig(ops=ops, p=cfg.p, seed=seed, preset=cfg.preset, init=cfg.init, train_frac=cfg.train_frac,
+                           train=cfg.train, wandb_mode=cfg.wandb_mode, wandb_project=cfg.wandb_project)
+        return asdict(g)
+
+    out: list[Cell] = []
+    if cfg.single:
+        for op in cfg.ops:
+            for seed in cfg.seeds:
+                scan = cfg.scan
+                if op == ab_op and seed == ab_seed:
+                    scan = replace(scan, ablation_windows=WINDOWS if cfg.window_ablation else (),
+                                   ablation_eps=EPSILONS if cfg.eps_ablation else ())
+                out.append(Cell(f"{op}-s{seed}", target, {"grokking": gconfig((op,), seed), "scan": asdict(scan),
+                                                          "every": cfg.every, "artifacts": cfg.artifacts}))
+    elif cfg.window_ablation or cfg.eps_ablation:
+        scan = replace(cfg.scan, ablation_windows=WINDOWS if cfg.window_ablation else (),
+                       ablation_eps=EPSILONS if cfg.eps_ablation else ())
+        out.append(Cell(f"{ab_op}-s{ab_seed}", target, {
+            "grokking": gconfig((ab_op,), ab_seed), "scan": asdict(scan), "every": cfg.every,
+            "artifacts": cfg.artifacts}))
+    if cfg.multitask:
+        for seed in cfg.seeds:
+            scan = replace(cfg.scan, n_snapshots=cfg.multitask_snapshots)
+            out.append(Cell(f"multitask-s{seed}", target, {"grokking": gconfig(tuple(cfg.ops), seed),
+                                                           "scan": asdict(scan), "every": cfg.every,
+                                                           "artifacts": cfg.artifacts}))
+    return out
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def tables(cfg: CouplingConfig, results: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The Markdown report and the aggregate numbers, ours beside the paper's."""
+    lines: list[str] = ["# SED–LCH coupling", ""]
+    agg: dict[str, Any] = {"single": {}, "multitask": {}, "window_ablation": {}, "eps_ablation": {}}
+    lead, trail = "leading", "trailing"
+    single = {k: v for k, v in results.items() if not k.startswith("multitask")}
+    if single:
+        lines += ["## Single task: update SED vs gradient SED",
+                  f"Peak and mean R̄ over {cfg.scan.n_snapshots} evenly spaced snapshots; leading window (paper's code) "
+                  "and trailing (causal). Paper: update-SED R̄ " + PAPER["single_update"] + "; gradient-SED peak R̄ "
+                  + PAPER["single_gradient"] + ", mul per seed 327, 101, 217.", "",
+                  "| op | seed | grok step | update peak R̄ (lead) | update mean R̄ (lead) | gradient peak R̄ (lead) | "
+                  "gradient peak R̄ (trail) | gradient / update (peak, lead) | paper gradient peak |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, res in single.items():
+            op, seed = name.rsplit("-s", 1)
+            s = res["coupling"][op]
+            u, g, gt = s.get(f"update/{lead}", {}), s.get(f"gradient/{lead}", {}), s.get(f"gradient/{trail}", {})
+            ratio = g.get("peak_R_mean", np.nan) / u.get("peak_R_mean", np.nan) if u else np.nan
+            paper = PAPER["single_gradient_mul"].get(int(seed)) if op == "mul" else None
+            lines.append(f"| {op} | {seed} | {res['train']['grok_step'].get(op)} | {_fmt(u.get('peak_R_mean'))} | "
+                         f"{_fmt(u.get('mean_R_mean'))} | {_fmt(g.get('peak_R_mean'))} | {_fmt(gt.get('peak_R_mean'))} | "
+                         f"{_fmt(ratio)}× | {paper if paper is not None else '100–330 (range)'} |")
+            agg["single"][name] = {"update_peak": u.get("peak_R_mean"), "update_mean": u.get("mean_R_mean"),
+                                   "gradient_peak": g.get("peak_R_mean"), "gradient_peak_trailing": gt.get("peak_R_mean"),
+                                   "ratio": ratio}
+        by_op: dict[str, list[dict[str, Any]]] = {}
+        for name, a in agg["single"].items():
+            by_op.setdefault(name.rsplit("-s", 1)[0], []).append(a)
+        lines += ["", "| op | update peak R̄ (mean ± sd over seeds) | gradient peak R̄ (mean ± sd) | ratio (mean) |",
+                  "|---|---|---|---|"]
+        for op, rows in by_op.items():
+            up = np.array([r["update_peak"] for r in rows], float)
+            gp = np.array([r["gradient_peak"] for r in rows], float)
+            lines.append(f"| {op} | {np.nanmean(up):.1f} ± {np.nanstd(up):.1f} | {np.nanmean(gp):.1f} ± {np.nanstd(gp):.1f} | "
+                         f"{np.nanmean(gp / up):.1f}× |")
+        lines.append("")
+    ab_op, ab_seed = ablation_run(cfg)
+    ab_name = f"{ab_op}-s{ab_seed}"
+    if ab_name in results:
+        s = results[ab_name]["coupling"][ab_op]
+        if any("/W=" in k for k in s):
+            lines += [f"## Window ablation ({ab_op}, seed {ab_seed}): peak R₁ of gradient SED", "",
+                      "| W | ours, leading | ours, trailing | paper |", "|---|---|---|---|"]
+            for w in WINDOWS:
+                lw, tw = s.get(f"gradient/{lead}/W={w}", {}), s.get(f"gradient/{trail}/W={w}", {})
+                lines.append(f"| {w} | {_fmt(lw.get('peak_R1'))} | {_fmt(tw.get('peak_R1'))} | {PAPER['window'].get(w, '—')} |")
+                agg["window_ablation"][w] = {"leading": lw.get("peak_R1"), "trailing": tw.get("peak_R1")}
+            lines.append("")
+        if any("fd_eps" in k for k in s):
+            lines += [f"## ε ablation ({ab_op}, seed {ab_seed}): peak R₁ of gradient SED (W {cfg.scan.window}, leading)",
+                      "", "| ε_rel | ours (finite difference) | paper |", "|---|---|---|"]
+            for e in EPSILONS:
+                fe = s.get(f"gradient/{lead}/fd_eps={e:g}", {})
+                lines.append(f"| {e:g} | {_fmt(fe.get('peak_R1'))} | {PAPER['eps'].get(e, '—')} |")
+                agg["eps_ablation"][e] = fe.get("peak_R1")
+            jv = s.get(f"gradient/{lead}", {}).get("peak_R1")
+            lines += [f"| → 0 (exact JVP) | {_fmt(jv)} | — |", ""]
+            agg["eps_ablation"]["jvp"] = jv
+    multi = {k: v for k, v in results.items() if k.startswith("multitask")}
+    if multi:
+        lines += ["## Multitask: aggregated vs per-op SED",
+                  f"Peak R̄ over {cfg.multitask_snapshots} snapshots, leading window, each op's own centroids. "
+                  "Paper: aggregated update SED " + PAPER["multitask_update"] + "; per-op gradient SED add 31.5, "
+                  "sub 44.9, mul 23.8, sq 21.8.", "",
+                  "| seed | op | grok step | aggregated update | aggregated gradient | per-op gradient | paper per-op |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, res in multi.items():
+            seed = name.rsplit("-s", 1)[1]
+            for op, s in res["coupling"].items():
+                u, g, t = (s.get(f"update/{lead}", {}), s.get(f"gradient/{lead}", {}),
+                           s.get(f"task_gradient/{op}/{lead}", {}))
+                lines.append(f"| {seed} | {op} | {res['train']['grok_step'].get(op)} | {_fmt(u.get('peak_R_mean'), 2)} | "
+                             f"{_fmt(g.get('peak_R_mean'), 2)} | {_fmt(t.get('peak_R_mean'), 2)} | "
+                             f"{PAPER['multitask_per_op'].get(op, '—')} |")
+                agg["multitask"].setdefault(op, []).append({"seed": int(seed), "update_peak": u.get("peak_R_mean"),
+                                                            "gradient_peak": g.get("peak_R_mean"),
+                                                            "per_op_peak": t.get("peak_R_mean")})
+        lines.append("")
+    return "\n".join(lines), agg
+
+
+def figures(cfg: CouplingConfig, out: Path, couplings: dict[str, dict[str, Any]], agg: dict[str, Any]) -> list[Path]:
+    figs: list[Path] = []
+    single = {k: v for k, v in couplings.items() if not k.startswith("multitask")}
+    if single:
+        panels: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for name, c in single.items():
+            panels.setdefault(name.rsplit("-s", 1)[0], []).append((name, c))
+        figs.append(plots.coupling_panels(panels, out / "coupling_single.png",
+                                          ["update/leading", "gradient/leading", "gradient/trailing"],
+                                          "Single task: R̄ of update vs gradient SED (seeds overlaid)"))
+    for name, c in couplings.items():
+        if name.startswith("multitask"):
+            panels = {op: [(name, c)] for op in c["summary"]}
+            figs.append(plots.coupling_panels(panels, out / f"coupling_{name}.png",
+                                              ["update/leading", "gradient/leading", "task_gradient/{op}/leading"],
+                                              f"Multitask ({name}): aggregated vs per-op SED"))
+    if agg["window_ablation"]:
+        ws = sorted(agg["window_ablation"])
+        figs.append(plots.ablation(ws, [agg["window_ablation"][w]["leading"] for w in ws], out / "window_ablation.png",
+                                   "window W (snapshots)", "Window ablation: peak R₁ of gradient SED",
+                                   paper={float(k): v for k, v in PAPER["window"].items()}))
+    if agg["eps_ablation"]:
+        es = [e for e in EPSILONS if e in agg["eps_ablation"]]
+        jv = agg["eps_ablation"].get("jvp")
+        figs.append(plots.ablation(es, [agg["eps_ablation"][e] for e in es], out / "eps_ablation.png", "ε_rel",
+                                   "ε ablation: finite differences vs exact JVP", paper=PAPER["eps"],
+                                   reference=("exact JVP (ε → 0)", jv) if jv is not None else None))
+    return figs
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = parser_for(CouplingConfig, "python -m sed_lens.experiments.coupling", __doc__ or "")
+    cfg = config_from_args(CouplingConfig, ap.parse_args(argv))
+    cfg.train.validate()
+    cfg.scan.validate()
+    for op in (*cfg.ops, *([cfg.ablation_op] if cfg.ablation_op else [])):
+        check(op in available_ops(), f"unknown op {op!r}; choose from {', '.join(available_ops())}.")
+    check(len(cfg.seeds) > 0 and len(cfg.ops) > 0, "name at least one op and one seed.")
+    if cfg.from_run:
+        analyse_existing(cfg)
+        return
+    grid = cells(cfg)
+    check(len(grid) > 0, "nothing to run: --no-single without --multitask or an ablation.")
+    out = Path(cfg.out)
+    results = run_grid(grid, out / "cells", backend=cfg.backend, workers=cfg.workers, ray_address=cfg.ray_address,
+                       progress=cfg.progress, desc="coupling runs")
+    failed = [r for r in results if r.error]
+    done = {r.name: r.summary for r in results if r.summary is not None}
+    couplings = {r.name: json.loads((Path(r.run_dir) / "coupling.json").read_text()) for r in results if r.summary}
+    md, agg = tables(cfg, done)  # type: ignore[arg-type]
+    figs = figures(cfg, out, couplings, agg)
+    md += "\n## Figures\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figs) + "\n"
+    (out / "coupling.md").write_text(md)
+    write_json(out / "coupling.json", {"config": asdict(cfg), "runs": done, "aggregate": agg})
+    print(md)
+    print(f"results: {out / 'coupling.md'}, {out / 'coupling.json'}; runs in {out / 'cells'}")
+    if failed:
+        for r in failed:
+            print(f"run {r.name} failed: {(r.error or '').splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def cli() -> None:
+    sys.exit(run_cli(main, prog="coupling"))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,164 @@
+import copy
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from sed_lens.analysis.centroids import centroids
+from sed_lens.analysis.coupling import centroid_response, coupling, perturbation_scale
+from sed_lens.errors import SedLensError
+from sed_lens.models import build_model, set_readout
+from sed_lens.subspace import ParamSubspace
+from sed_lens.tasks import ModularArithmetic
+
+
+@pytest.fixture(scope="module")
+def multitask():
+    task = ModularArithmetic(p=13, ops=("add", "sub", "mul", "sq"), seed=0)
+    model = build_model("xu2026", task, seed=1)
+    return task, model
+
+
+def embedding_gradient(model, tokens, scalar_fn):
+    """Independent centroid: the autograd gradient w.r.t. the embedding fed in as a leaf."""
+    emb = (model.embed(tokens) + model.pos_embed(tokens)).detach().requires_grad_(True)
+    logits = model(emb, start_at_layer=0)
+    return torch.autograd.grad(scalar_fn(logits).sum(), emb)[0]
+
+
+def test_correct_logit_centroid_is_the_embedding_gradient_of_the_ops_head(multitask):
+    task, model = multitask
+    x, y = task.probes(40, seed=0)
+    mu = centroids(model, x, y, task="mul")
+    assert mu.shape == (40, 2, 128)
+    ref = embedding_gradient(model, x, lambda lg: lg[:, 0, 26:39].gather(1, y["mul"][:, None]).squeeze(1))
+    torch.testing.assert_close(mu, ref)
+    torch.testing.assert_close(centroids(model, x, y, task="mul", batch_size=7), ref)
+
+
+def test_logit_sum_is_jacobian_transpose_times_ones(multitask):
+    task, model = multitask
+    x, y = task.probes(3, seed=1)
+    mu = centroids(model, x, y, readout="logit_sum", task="add")
+    for i in range(3):
+        emb = (model.embed(x[i:i + 1]) + model.pos_embed(x[i:i + 1])).detach()
+        J = torch.autograd.functional.jacobian(lambda e: model(e, start_at_layer=0)[0, 0, 0:13], emb)  # [13, 1, 2, 128]
+        torch.testing.assert_close(mu[i], J.sum(0)[0], rtol=1e-4, atol=1e-6)
+
+
+def test_vector_and_callable_readouts(multitask):
+    task, model = multitask
+    x, y = task.probes(10, seed=2)
+    w = torch.randn(13)
+    ref = embedding_gradient(model, x, lambda lg: lg[:, 0, 13:26] @ w)
+    torch.testing.assert_close(centroids(model, x, y, readout=w, task="sub"), ref)
+    fn = lambda logits, labels: logits.logsumexp(-1)  # noqa: E731
+    ref2 = embedding_gradient(model, x, lambda lg: lg[:, 0, 13:26].logsumexp(-1))
+    torch.testing.assert_close(centroids(model, x, y, readout=fn, task="sub"), ref2)
+
+
+def test_centroid_at_a_deeper_site(multitask):
+    task, model = multitask
+    x, y = task.probes(8, seed=3)
+    mu = centroids(model, x, y, site="blocks.1.hook_resid_pre", task="add")
+    _, cache = model.run_with_cache(x)
+    resid = cache["blocks.1.hook_resid_pre"].detach().requires_grad_(True)
+    logits = model(resid, start_at_layer=1)[:, 0, 0:13]
+    ref = torch.autograd.grad(logits.gather(1, y["add"][:, None]).sum(), resid)[0]
+    torch.testing.assert_close(mu, ref)
+
+
+def fd_by_hand(model, S, v, x, y, op, eps):
+    """Central difference of centroids of two perturbed copies of the model (no sed_lens autodiff)."""
+    out = []
+    for sign in (1, -1):
+        m = copy.deepcopy(model)
+        S2 = ParamSubspace.attention(m)
+        S2.set_weights(S2.weights() + sign * eps * v)
+        sl = m.sed_readout.slice(op)
+        out.append(embedding_gradient(m, x, lambda lg, sl=sl: lg[:, 0, sl].gather(1, y[op][:, None]).squeeze(1)))
+    d = (out[0].double() - out[1].double()) / (2 * eps)
+    return float((d**2).sum((1, 2)).mean())
+
+
+def test_jvp_response_matches_finite_differences(multitask):
+    task, model = multitask
+    S = ParamSubspace.attention(model)
+    x, y = task.probes(64, seed=4)
+    dirs = S.random_directions(3, torch.Generator().manual_seed(0))
+    jvp = centroid_response(model, S, dirs, (x, y), method="jvp", task="sq", chunk_size=2)
+    fd = centroid_response(model, S, dirs, (x, y), method="fd", eps_rel=1e-3, task="sq")
+    torch.testing.assert_close(fd, jvp, rtol=1e-3, atol=0)
+    eps = perturbation_scale(model, S, 1e-3)
+    assert eps == pytest.approx(1e-3 * float(S.weights().double().norm()))
+    by_hand = fd_by_hand(model, S, dirs[0], x, y, "sq", eps)
+    assert float(jvp[0]) == pytest.approx(by_hand, rel=1e-3)
+    assert torch.allclose(centroid_response(model, S, dirs, (x, y), task="sq", probe_batch=20), jvp, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16, n_ctx=2, d_vocab=5,
+                                  d_vocab_out=5, act_fn="gelu", attention_dir="bidirectional", normalization_type="LN")
+    torch.manual_seed(0)
+    m = HookedTransformer(cfg, move_to_device=False)
+    set_readout(m, 0, ("add",), 5)
+    x = torch.cartesian_prod(torch.arange(5), torch.arange(5))
+    return m, x, {"add": (x[:, 0] + x[:, 1]) % 5}
+
+
+def test_top_singular_vector_of_the_centroid_jacobian_couples_far_more_than_random(tiny):
+    m, x, y = tiny
+    S = ParamSubspace.attention(m)
+    w0 = S.weights()
+
+    def flat_centroids(w):
+        params = {n: t for n, t in S.unflatten(w, full=True).items()}
+        emb = (m.embed(x) + m.pos_embed(x)).detach().requires_grad_(True)
+        logits = torch.func.functional_call(m, params, (emb,), {"start_at_layer": 0})[:, 0]
+        g = torch.autograd.grad(logits.gather(1, y["add"][:, None]).sum(), emb, create_graph=True)[0]
+        return g.reshape(-1)
+
+    J = torch.autograd.functional.jacobian(flat_centroids, w0)  # [n_probes·2·8, P]
+    v1 = torch.linalg.svd(J.double(), full_matrices=False)[2][0].float()
+    res = coupling(m, S, v1[None], (x, y), n_random=20, seed=0)
+    assert res.R[0] > 10  # the most responsive direction dominates random ones
+    # and its A(v) is the top squared singular value of J, over the probe count
+    top = torch.linalg.svdvals(J.double())[0] ** 2 / len(x)
+    assert float(res.A[0]) == pytest.approx(float(top), rel=1e-4)
+
+
+def test_random_versus_random_coupling_is_about_one(tiny):
+    m, x, y = tiny
+    S = ParamSubspace.attention(m)
+    probe = S.random_directions(30, torch.Generator().manual_seed(7))
+    res = coupling(m, S, probe, (x, y), n_random=20, seed=1)
+    assert 0.6 < float(res.R.median()) < 1.6
+    assert res.R_mean == pytest.approx(float(res.R.mean()))
+    d = res.as_dict()
+    assert d["method"] == "jvp" and len(d["A_random"]) == 20
+
+
+def test_coupling_errors(multitask, tiny):
+    task, model = multitask
+    S = ParamSubspace.attention(model)
+    x, y = task.probes(4)
+    d = S.random_directions(1)
+    with pytest.raises(SedLensError, match="name the op"):
+        centroids(model, x, None)
+    with pytest.raises(SedLensError, match="unknown readout"):
+        centroids(model, x, y, readout="max_logit", task="add")
+    with pytest.raises(SedLensError, match="unknown hook site"):
+        centroids(model, x, y, site="blocks.9.hook_resid_pre", task="add")
+    with pytest.raises(SedLensError, match="vocabulary"):
+        centroids(model, x + 100, y, task="add")
+    with pytest.raises(SedLensError, match="one weight per class"):
+        centroids(model, x, y, readout=torch.ones(3), task="add")
+    with pytest.raises(SedLensError, match="unknown method"):
+        centroid_response(model, S, d, (x, y), method="exact", task="add")
+    with pytest.raises(SedLensError, match="eps_rel must be positive"):
+        centroid_response(model, S, d, (x, y), method="fd", eps_rel=0, task="add")
+    with pytest.raises(SedLensError, match=r"shape \[n, 131072\]"):
+        centroid_response(model, S, torch.zeros(2, 5), (x, y), task="add")
+    with pytest.raises(SedLensError, match="n_random"):
+        coupling(model, S, d, (x, y), n_random=0, task="add")

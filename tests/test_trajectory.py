@@ -1,0 +1,140 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sed_lens.analysis.sed import window_bounds
+from sed_lens.analysis.trajectory import ScanConfig, recompute_artifact, scan_coupling, snapshot_indices
+from sed_lens.cli import run_cli
+from sed_lens.errors import SedLensError
+from sed_lens.experiments import coupling as coupling_exp
+from sed_lens.experiments import grokking
+from sed_lens.hooks.capture import gradient_batch
+from sed_lens.hooks.snapshots import SnapshotStore
+from sed_lens.models import build_model, op_losses
+from sed_lens.subspace import ParamSubspace
+from sed_lens.tasks import ModularArithmetic
+from sed_lens.training import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def run():
+    task = ModularArithmetic(p=11, ops=("add",), seed=0)
+    model = build_model("xu2026", task, seed=0)
+    store = SnapshotStore(every=5)
+    Trainer(model, task, TrainConfig(steps=40, eval_every=20, checkpoint_every=0), [store], progress=False).fit()
+    return task, model, store
+
+
+def test_snapshot_indices_are_the_papers_linspace():
+    assert snapshot_indices(150, 40) == sorted(set(np.linspace(0, 149, 40, dtype=int).tolist()))
+    assert snapshot_indices(5, 40) == [0, 1, 2, 3, 4]
+
+
+def test_scan_bases_match_numpy_svd_of_the_streams(run, tmp_path):
+    task, model, store = run
+    cfg = ScanConfig(n_snapshots=4, window=3, k=2, n_probes=32, n_random=4)
+    out = scan_coupling(model, task, store, cfg, artifacts=tmp_path, progress=False)
+    assert out["measured"] == [store.steps[i] for i in snapshot_indices(len(store), 4)]
+    # independent streams: weight differences and gradients by plain autograd
+    S = ParamSubspace.attention(model)
+    weights, grads = [], []
+    tokens, labels = gradient_batch(task, 512)
+    for _, state in store:
+        model.load_state_dict(state)
+        weights.append(S.weights().clone())
+        model.zero_grad()
+        op_losses(model, tokens, labels)["add"].backward()
+        grads.append(S.grads().clone())
+    updates = [b - a for a, b in zip(weights[:-1], weights[1:], strict=True)]
+    for row in out["snapshots"]:
+        t = row["index"]
+        art = torch.load(tmp_path / f"snapshot_{row['step']:06d}.pt", weights_only=False)
+        for key, seq, anchor in (("gradient/leading", grads, t), ("gradient/trailing", grads, t),
+                                 ("update/leading", updates, t), ("update/trailing", updates, t - 1)):
+            if anchor < 0:
+                assert key not in art["directions"]
+                continue
+            lo, hi = window_bounds(anchor, len(seq), 3, key.split("/")[1])
+            vt = np.linalg.svd(torch.stack(seq[lo:hi]).double().numpy(), full_matrices=False)[2][:2]
+            got = art["directions"][key].double().numpy()
+            r = min(2, hi - lo)
+            assert np.all(np.abs((got[:r] * vt[:r]).sum(1)) > 1 - 1e-5), (key, t)
+        res = row["ops"]["add"]
+        med = float(torch.tensor(res["random"]["A"]).median())
+        assert res["gradient/leading"]["R"][0] == pytest.approx(res["gradient/leading"]["A"][0] / med, rel=1e-5)
+    s = out["summary"]["add"]["gradient/leading"]
+    means = [r["ops"]["add"]["gradient/leading"]["R_mean"] for r in out["snapshots"]]
+    assert s["peak_R_mean"] == pytest.approx(max(means)) and s["final_R_mean"] == pytest.approx(means[-1])
+
+
+def test_artifacts_recompute_every_reported_R(run, tmp_path):
+    task, model, store = run
+    out = scan_coupling(model, task, store, ScanConfig(n_snapshots=2, window=3, k=2, n_probes=16, n_random=3),
+                        artifacts=tmp_path, progress=False)
+    for row in out["snapshots"]:
+        again = recompute_artifact(tmp_path / f"snapshot_{row['step']:06d}.pt")
+        for key, R in again["add"].items():
+            np.testing.assert_allclose(R, row["ops"]["add"][key]["R"], rtol=1e-4)
+    with pytest.raises(SedLensError, match="not a sed_lens coupling artifact"):
+        torch.save({"format": "x"}, tmp_path / "bad.pt")
+        recompute_artifact(tmp_path / "bad.pt")
+
+
+def test_multitask_scan_measures_each_ops_own_stream():
+    task = ModularArithmetic(p=7, ops=("add", "mul"), seed=0)
+    model = build_model("xu2026", task, seed=0)
+    store = SnapshotStore(every=4)
+    Trainer(model, task, TrainConfig(steps=16, eval_every=8, checkpoint_every=0), [store], progress=False).fit()
+    out = scan_coupling(model, task, store, ScanConfig(n_snapshots=3, window=2, k=1, n_probes=8, n_random=3,
+                                                       aligns=("leading",)), progress=False)
+    keys_add = set(out["summary"]["add"])
+    assert keys_add == {"update/leading", "gradient/leading", "task_gradient/add/leading"}
+    assert "task_gradient/mul/leading" in out["summary"]["mul"]
+
+
+def call(main, argv, capsys):
+    try:
+        code = run_cli(main, argv, prog="coupling")
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_coupling_cli_end_to_end_and_rerun_skips(tmp_path, capsys):
+    argv = ["--p", "7", "--ops", "add", "--seeds", "1", "--steps", "20", "--every", "4", "--n-snapshots", "3",
+            "--window", "2", "--k", "1", "--n-probes", "8", "--n-random", "3", "--eval-every", "10",
+            "--window-ablation", "--out", str(tmp_path), "--wandb-mode", "disabled", "--no-progress", "--workers", "1"]
+    code, out, err = call(coupling_exp.main, argv, capsys)
+    assert code == 0, err
+    for f in ("coupling.md", "coupling.json", "coupling_single.png", "window_ablation.png"):
+        assert (tmp_path / f).is_file(), f
+    cell = tmp_path / "cells" / "add-s1"
+    assert (cell / "coupling_add.png").is_file() and len(list((cell / "artifacts").glob("snapshot_*.pt"))) == 3
+    agg = json.loads((tmp_path / "coupling.json").read_text())["aggregate"]
+    assert set(agg["window_ablation"]) == {"1", "2", "5", "10", "20", "40"}
+    mtime = (cell / "cell.json").stat().st_mtime
+    code, _, _ = call(coupling_exp.main, argv, capsys)
+    assert code == 0 and (cell / "cell.json").stat().st_mtime == mtime  # finished runs are skipped
+
+
+def test_coupling_from_an_existing_grokking_run(tmp_path, capsys):
+    rd = tmp_path / "g"
+    assert run_cli(grokking.main, ["--p", "7", "--steps", "12", "--snapshot-every", "4", "--run-dir", str(rd),
+                                   "--wandb-mode", "disabled", "--no-progress", "--eval-every", "6"]) == 0
+    assert len(list((rd / "snapshots").glob("step_*.pt"))) == 4
+    code, out, err = call(coupling_exp.main, ["--from-run", str(rd), "--out", str(tmp_path / "c"), "--window", "2",
+                                              "--k", "1", "--n-probes", "8", "--n-random", "3", "--no-progress"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "c" / "from-g" / "coupling.json").is_file() and "peak R̄" in out
+
+
+@pytest.mark.parametrize("argv,match", [(["--ops", "pow"], "unknown op"), (["--k", "0"], "k <= window"),
+                                        (["--method", "exact"], "invalid choice"), (["--seeds", "x"], "invalid"),
+                                        (["--no-single"], "nothing to run"), (["--aligns", "centred"], "alignment"),
+                                        (["--from-run", "/nonexistent"], "not a grokking run directory")])
+def test_coupling_cli_errors(argv, match, capsys, tmp_path):
+    code, _, err = call(coupling_exp.main, [*argv, "--out", str(tmp_path)], capsys)
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1
