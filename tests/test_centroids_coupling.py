@@ -89,6 +89,8 @@ def test_jvp_response_matches_finite_differences(multitask):
     jvp = centroid_response(model, S, dirs, (x, y), method="jvp", task="sq", chunk_size=2)
     fd = centroid_response(model, S, dirs, (x, y), method="fd", eps_rel=1e-3, task="sq")
     torch.testing.assert_close(fd, jvp, rtol=1e-3, atol=0)
+    hvp = centroid_response(model, S, dirs, (x, y), method="hvp", task="sq")
+    torch.testing.assert_close(hvp, jvp, rtol=1e-4, atol=0)
     eps = perturbation_scale(model, S, 1e-3)
     assert eps == pytest.approx(1e-3 * float(S.weights().double().norm()))
     by_hand = fd_by_hand(model, S, dirs[0], x, y, "sq", eps)

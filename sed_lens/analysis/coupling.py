@@ -6,8 +6,10 @@ For a unit direction v in a :class:`~sed_lens.subspace.ParamSubspace` S, the cen
 
 the mean squared norm of the directional derivative of the probes' centroids (see
 :mod:`sed_lens.analysis.centroids`). ``method="jvp"`` computes it exactly by forward-over-reverse autodiff (a
-``torch.func.jvp`` of the centroid gradient, ``vmap``-ed over directions in chunks); ``method="fd"`` uses the
-paper's central difference (μ(θ + εv) − μ(θ − εv)) / 2ε with ε = ``eps_rel``·‖θ_S‖. The coupling of k
+``torch.func.jvp`` of the centroid gradient, ``vmap``-ed over directions in chunks); ``method="hvp"`` computes
+the same exact value by reverse-over-reverse autodiff (μ̇_x = ∂/∂δ_x ⟨∇_θ R, v⟩, a Hessian-vector-product
+pattern: one shared differentiable backward, then one backward per direction); ``method="fd"`` uses the paper's
+central difference (μ(θ + εv) − μ(θ − εv)) / 2ε with ε = ``eps_rel``·‖θ_S‖. The coupling of k
 directions is R_j = A(v_j) / median_r A(r) over random unit directions r in S, and R̄ = mean_j R_j.
 """
 
@@ -26,7 +28,7 @@ from sed_lens.analysis.centroids import DEFAULT_SITE, CentroidMap, Readout
 from sed_lens.errors import check
 from sed_lens.subspace import ParamSubspace
 
-METHODS = ("jvp", "fd")
+METHODS = ("jvp", "hvp", "fd")
 Probes = tuple[Int[Tensor, "n pos"], Mapping[str, Tensor] | Tensor | None]
 
 
@@ -43,7 +45,8 @@ def centroid_response(model: HookedTransformer, subspace: ParamSubspace, directi
 
     Args:
         probes: ``(tokens, labels)`` as returned by ``task.probes(n)``.
-        method: ``"jvp"`` (exact) or ``"fd"`` (central difference with ε = eps_rel·‖θ_S‖).
+        method: ``"jvp"`` or ``"hvp"`` (exact, equal up to rounding) or ``"fd"`` (central difference with
+            ε = eps_rel·‖θ_S‖).
         site, readout, task: the centroid (see :func:`sed_lens.analysis.centroids.centroids`).
         chunk_size: directions per vectorised JVP (bounds memory).
         probe_batch: probes per pass (default: all).
@@ -66,6 +69,8 @@ def centroid_response(model: HookedTransformer, subspace: ParamSubspace, directi
             rows = slice(lo, lo + pb)
             if method == "jvp":
                 total += _jvp_sq(cmap, base, subspace, dirs, rows, chunk_size)
+            elif method == "hvp":
+                total += _hvp_sq(cmap, model, subspace, dirs, rows)
             else:
                 eps = perturbation_scale(model, subspace, eps_rel)
                 total += _fd_sq(cmap, base, subspace, dirs, rows, eps)
@@ -87,6 +92,28 @@ def _jvp_sq(cmap: CentroidMap, base: dict[str, Tensor], subspace: ParamSubspace,
         tangents = subspace.unflatten(dirs[i:i + chunk].to(next(iter(base.values())).dtype), full=True)
         out.append(torch.func.vmap(tangent_sq)(tangents).detach())
     return torch.cat(out)
+
+
+def _hvp_sq(cmap: CentroidMap, model: HookedTransformer, subspace: ParamSubspace, dirs: Tensor, rows: slice) -> Tensor:
+    """Σ over the probes in ``rows`` of ‖J_x v‖², exactly, by reverse-over-reverse autodiff.
+
+    R = Σ_x R_x with δ injected at the site; g = ∇_θ R (differentiable); μ̇_x = ∂⟨g, v⟩/∂δ_x, since
+    ∂²R/∂δ_x∂θ · v is the directional derivative of the centroid μ_x = ∂R/∂δ_x.
+    """
+    named = subspace.parameters_of(model)
+    tokens = cmap.tokens[rows]
+    labels = None if cmap.labels is None else cmap.labels[rows]
+    dtype = next(iter(named.values())).dtype
+    delta = torch.zeros((tokens.shape[0], *cmap.shape), dtype=dtype, device=tokens.device, requires_grad=True)
+    with torch.enable_grad():
+        total = cmap.readout_sum(delta, {}, tokens, labels)
+        grads = torch.autograd.grad(total, list(named.values()), create_graph=True)
+        out = torch.empty(dirs.shape[0], dtype=torch.float64)
+        for j in range(dirs.shape[0]):
+            t = subspace.unflatten(dirs[j].to(dtype), full=True)
+            mu_dot = torch.autograd.grad(grads, delta, grad_outputs=[t[n] for n in named], retain_graph=j < len(dirs) - 1)[0]
+            out[j] = (mu_dot.detach().double() ** 2).sum()
+    return out
 
 
 def _fd_sq(cmap: CentroidMap, base: dict[str, Tensor], subspace: ParamSubspace, dirs: Tensor, rows: slice,
