@@ -1,6 +1,9 @@
 """SubspaceProjection: each property checked against an independent (numpy, float64) computation."""
 
 import copy
+import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,8 +285,6 @@ def test_trainer_callback_logs_per_eval_and_writes_a_summary(odd_model, tiny_tas
     assert all(0 < rows[s]["intervention/kept_fraction"] <= 1 + 1e-6 for s in (8, 12))
     assert rows[12]["intervention/projected_steps"] == 8
     assert rows[12]["intervention/sigma_1"] >= rows[12]["intervention/sigma_2"] > 0
-    import json
-
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["intervention"]["mode"] == "keep" and summary["intervention"]["projected_steps"] == 8
 
@@ -367,3 +368,15 @@ def test_errors_that_need_a_model(odd_model):
         proj.project(torch.ones(2, 192))
     with pytest.raises(SedLensError, match="not bound to a model"):
         SubspaceProjection().before_step()
+
+
+def test_the_docs_example_runs(capsys):
+    text = (Path(__file__).parents[1] / "docs" / "interventions.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        compile(block, "docs/interventions.md", "exec")
+    assert "range(100)" in blocks[0]
+    exec(blocks[0].replace("range(100)", "range(30)"), {})  # the plain AdamW loop, shortened
+    out = capsys.readouterr().out
+    assert "'steps': 30, 'projected_steps': 10" in out
