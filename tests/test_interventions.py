@@ -368,6 +368,8 @@ def test_errors_that_need_a_model(odd_model):
         proj.project(torch.ones(2, 192))
     with pytest.raises(SedLensError, match="not bound to a model"):
         SubspaceProjection().before_step()
+    with pytest.raises(SedLensError, match="not bound to a model"):  # a random basis needs the subspace's dimension
+        SubspaceProjection(basis="random", warmup=0).project(torch.ones(5))
 
 
 def test_the_docs_example_runs(capsys):

@@ -182,7 +182,7 @@ class SubspaceProjection(Callback):
         return self.subspace
 
     # --- the protocol on one vector ----------------------------------------------------------------------
-    def current_basis(self, dim: int, device: torch.device | None = None) -> Float[Tensor, "k P"] | None:
+    def current_basis(self, device: torch.device | None = None) -> Float[Tensor, "k P"] | None:
         """The basis of the next step (``None`` during warm-up or in mode ``"none"``). A random basis is drawn
         here, so call it once per step (:meth:`project` does)."""
         if not self.active:
@@ -190,8 +190,7 @@ class SubspaceProjection(Callback):
         if self._fixed is not None:
             return self._fixed
         if self.basis_kind == "random":
-            q, r = torch.linalg.qr(torch.randn(dim, self.k, generator=self.generator))
-            v = (q * torch.sign(torch.diagonal(r))).T.contiguous()  # as ParamSubspace.random_basis
+            v = self._require_subspace().random_basis(self.k, self.generator)
             return v.to(device) if device is not None else v
         return self._sed_basis()
 
@@ -209,7 +208,7 @@ class SubspaceProjection(Callback):
         if self.subspace is not None:
             check(vec.shape[0] == self.subspace.dim,
                   f"project expects vectors of the subspace's dimension {self.subspace.dim}, got {vec.shape[0]}.")
-        v = self.current_basis(vec.shape[0], vec.device)
+        v = self.current_basis(vec.device)
         if v is None:
             out = vec
         else:
