@@ -1,32 +1,140 @@
-"""Figures (matplotlib, PNG): titled, labelled, with legends — for run directories and reports.
+"""Figures as PNG files: small helpers on matplotlib's object-oriented API.
 
-Every function takes plain data (dicts and lists as stored in the run directories), draws one figure, saves it
-to ``path`` and returns the path, so notebooks, experiments and reports share one implementation.
+Figures are built as ``matplotlib.figure.Figure`` objects drawn by the Agg renderer, without ``pyplot``: nothing
+changes matplotlib's global backend or state, so the helpers are safe in scripts, worker processes and
+notebooks alike (a returned ``Figure`` displays inline in Jupyter). Every figure has a title, labelled axes and,
+where there is more than one series, a legend.
+
+Building blocks: :func:`new_figure`, :func:`save_figure`, :func:`color`; figure types: :func:`curve_overlay`
+(groups of curves, one colour per group, e.g. accuracy curves of several seeds per condition),
+:func:`bar_chart` (one bar per label with an error bar for the spread, optional reference markers),
+:func:`grokking_curves`, :func:`coupling_trajectory` (accuracy and R̄ of every SED stream over one run),
+:func:`coupling_panels` (one panel per op, runs overlaid) and :func:`ablation` (peak R against a parameter).
+The last four take the data as stored in run directories and write the PNG to ``path``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from sed_lens.errors import check
+from sed_lens.tracking import atomic_write_bytes
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")  # matplotlib's tab10, reordered so the first five conditions are easy to tell apart
+
+Curve = tuple[Sequence[float], Sequence[float]]  # (x values, y values)
+
+
+def color(i: int) -> str:
+    """The i-th colour of the palette (cycling)."""
+    return PALETTE[i % len(PALETTE)]
+
+
+def new_figure(title: str, xlabel: str, ylabel: str, size: tuple[float, float] = (7.0, 4.5)) -> tuple[Figure, Axes]:
+    """A figure with one titled, labelled axes (constrained layout, light grid)."""
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3, linewidth=0.6)
+    return fig, ax
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 130) -> Path:
+    """Write ``fig`` as a PNG (atomically: readers never see half a file); returns the path."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def curve_overlay(groups: Mapping[str, Sequence[Curve]], title: str, xlabel: str, ylabel: str,
+                  hline: float | None = None, hline_label: str | None = None, linewidth: float = 0.9,
+                  alpha: float = 0.75, colors: Mapping[str, str] | None = None,
+                  size: tuple[float, float] = (7.0, 4.5)) -> Figure:
+    """Curves in groups: one colour per group, one thin line per member; one legend entry per group.
+
+    ``groups``: ``{group label: [(x, y), ...]}``; ``hline``: a dashed horizontal reference line (e.g. a threshold).
+    """
+    check(len(groups) > 0, "curve_overlay needs at least one group of curves.")
+    fig, ax = new_figure(title, xlabel, ylabel, size)
+    for i, (label, curves) in enumerate(groups.items()):
+        c = colors[label] if colors and label in colors else color(i)
+        for j, (x, y) in enumerate(curves):
+            check(len(x) == len(y), f"curve {j} of {label!r} has {len(x)} x values but {len(y)} y values.")
+            ax.plot(x, y, color=c, linewidth=linewidth, alpha=alpha, label=label if j == 0 else None)
+    if hline is not None:
+        ax.axhline(hline, color="black", linestyle="--", linewidth=0.8, alpha=0.7, label=hline_label)
+    ax.legend(loc="best", fontsize="small", frameon=False)
+    return fig
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float | None], title: str, ylabel: str,
+              lower: Sequence[float | None] | None = None, upper: Sequence[float | None] | None = None,
+              reference: Sequence[float | None] | None = None, reference_label: str = "reference",
+              baseline: float | None = None, value_format: str = "{:.2f}", colors: Sequence[str] | None = None,
+              xlabel: str = "", size: tuple[float, float] = (7.0, 4.5)) -> Figure:
+    """One bar per label, annotated with its value; an error bar from ``lower`` to ``upper`` (e.g. the min and
+    max over seeds); black diamonds at ``reference`` values (e.g. published numbers); a dotted ``baseline``.
+
+    ``None`` (or NaN) values draw no bar, error bar or marker.
+    """
+    n = len(labels)
+    check(n > 0, "bar_chart needs at least one bar.")
+    for name, seq in (("values", values), ("lower", lower), ("upper", upper), ("reference", reference)):
+        check(seq is None or len(seq) == n, f"bar_chart got {n} labels but {len(seq or [])} {name}.")
+    fig, ax = new_figure(title, xlabel, ylabel, size)
+    xs = list(range(n))
+    heights = [_num(v) for v in values]
+    bars = ax.bar(xs, [0.0 if math.isnan(h) else h for h in heights],
+                  color=[colors[i] if colors else color(i) for i in xs], alpha=0.85)
+    for x, h, bar in zip(xs, heights, bars, strict=True):
+        if math.isnan(h):
+            bar.set_visible(False)
+        else:
+            ax.annotate(value_format.format(h), (x, h), xytext=(0, 3), textcoords="offset points", ha="center",
+                        va="bottom", fontsize="small")
+    if lower is not None and upper is not None:
+        pts = [(x, h, _num(lo), _num(hi)) for x, h, lo, hi in zip(xs, heights, lower, upper, strict=True)]
+        pts = [p for p in pts if not any(math.isnan(v) for v in p[1:])]
+        if pts:
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                        yerr=[[max(0.0, p[1] - p[2]) for p in pts], [max(0.0, p[3] - p[1]) for p in pts]], fmt="none",
+                        ecolor="black",
+                        elinewidth=1.0, capsize=5, label="spread")
+    if reference is not None:
+        ref = [(x, _num(r)) for x, r in zip(xs, reference, strict=True) if not math.isnan(_num(r))]
+        if ref:
+            ax.scatter([r[0] for r in ref], [r[1] for r in ref], marker="D", color="black", zorder=3, s=28,
+                       label=reference_label)
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", linestyle=":", linewidth=1.0)
+    ax.set_xticks(xs, list(labels))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize="small", frameon=False)
+    return fig
+
+
+def _num(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
 
 SOURCE_COLORS = {"update": "tab:blue", "gradient": "tab:orange", "task_gradient": "tab:green"}
 ALIGN_STYLES = {"leading": "-", "trailing": "--"}
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def _stream_of(key: str) -> tuple[str, str]:
@@ -49,7 +157,7 @@ def series(coupling: Mapping[str, Any], op: str, key: str, value: str = "R_mean"
 def grokking_curves(history: Sequence[Mapping[str, Any]], ops: Sequence[str], path: str | Path,
                     grok_step: Mapping[str, int | None] | None = None, title: str = "Grokking") -> Path:
     """Train and test accuracy per op against the step, with the grok step marked."""
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = new_figure(title, "step", "accuracy", (7, 3.6))
     steps = [r["step"] for r in history]
     for i, op in enumerate(ops):
         c = f"C{i}"
@@ -59,19 +167,18 @@ def grokking_curves(history: Sequence[Mapping[str, Any]], ops: Sequence[str], pa
         if g is not None:
             ax.axvline(g, color=c, ls=":", lw=1)
             ax.annotate(f"grok {g}", (g, 0.5), xytext=(4, 0), textcoords="offset points", color=c, fontsize=8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
     ax.legend(fontsize=8, ncol=2, loc="center right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def coupling_trajectory(coupling: Mapping[str, Any], history: Sequence[Mapping[str, Any]], op: str, path: str | Path,
                         keys: Sequence[str] | None = None, title: str | None = None) -> Path:
     """One run: accuracy (top) and R̄ of every SED stream over training (bottom, log scale; R̄ = 1 dotted)."""
     keys = keys or sorted(k for k in coupling["summary"][op] if "/W=" not in k and "fd_eps" not in k)
-    fig, (a0, a1) = plt.subplots(2, 1, figsize=(7.5, 6), sharex=True, gridspec_kw={"height_ratios": [1, 2]})
+    fig = Figure(figsize=(7.5, 6), layout="constrained")
+    FigureCanvasAgg(fig)
+    a0, a1 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1, 2]})
     steps = [r["step"] for r in history]
     a0.plot(steps, [r.get(f"train/acc/{op}", np.nan) for r in history], label="train", color="tab:gray")
     a0.plot(steps, [r.get(f"test/acc/{op}", np.nan) for r in history], label="test", color="black")
@@ -88,7 +195,7 @@ def coupling_trajectory(coupling: Mapping[str, Any], history: Sequence[Mapping[s
     a1.set_ylabel("R̄ (SED vs random, centroid response)")
     a1.legend(fontsize=8)
     a0.set_title(title or f"SED–LCH coupling over training ({op})")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def coupling_panels(runs: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]], path: str | Path,
@@ -97,7 +204,9 @@ def coupling_panels(runs: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]],
     panels = list(runs)
     cols = min(4, len(panels))
     rows = int(np.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 7.0), 3.4 * rows + 0.4), squeeze=False, sharey=True)
+    fig = Figure(figsize=(max(4.2 * cols, 7.0), 3.4 * rows + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
     for ax, panel in zip(axes.flat, panels, strict=False):
         op = (op_of_panel or {}).get(panel, panel)
         for label, coupling in runs[panel]:
@@ -118,14 +227,14 @@ def coupling_panels(runs: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]],
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def ablation(xs: Sequence[float], ours: Sequence[float], path: str | Path, xlabel: str, title: str,
              paper: Mapping[float, float] | None = None, reference: tuple[str, float] | None = None,
              logx: bool = True) -> Path:
     """Peak R against an ablated parameter (window size, ε), ours beside the paper's points."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = new_figure(title, xlabel, "peak R₁", (5.5, 3.8))
     ax.plot(xs, ours, "o-", color="tab:orange", label="sed_lens")
     if paper:
         ax.plot(list(paper), list(paper.values()), "s", color="black", mfc="none", ms=8, label="paper")
@@ -134,8 +243,5 @@ def ablation(xs: Sequence[float], ours: Sequence[float], path: str | Path, xlabe
     if logx:
         ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("peak R₁")
-    ax.set_title(title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -5,7 +5,8 @@ ops' cross-entropies → backward → global grad-norm clip → ``on_before_step
 ``.grad``) → optimizer step → ``on_after_step`` callbacks. Every ``eval_every`` steps (and at step 0) the full
 train and test splits are evaluated; ``on_eval`` callbacks may add entries to the logged metrics. Training
 stops after ``steps`` steps, or once every op's test accuracy has been ≥ ``stop_acc`` for ``stop_patience``
-consecutive evals. The grok step of an op is the first eval step with test accuracy ≥ ``grok_acc``.
+consecutive evals, or (``stop_at_grok``) at the first eval at which every op has grokked. The grok step of an op
+is the first eval step with test accuracy ≥ ``grok_acc``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class TrainConfig:
     stop_patience: int = field(default=20, metadata={
         "help": "early stop after this many consecutive evals at stop-acc (0 disables)"})
     grok_acc: float = field(default=0.5, metadata={"help": "grok step = first eval with test accuracy at least this"})
+    stop_at_grok: bool = field(default=False, metadata={
+        "help": "stop at the first eval at which every op has grokked (for experiments that only measure the grok step)"})
     checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps (0 disables)"})
     sampler_seed: int | None = field(default=None, metadata={"help": "seed of the batch sampler (default: the task seed)"})
     deterministic: bool = field(default=True, metadata={
@@ -262,6 +265,8 @@ class Trainer:
         if self.step > 0 and self.config.stop_patience > 0:
             self.patience = self.patience + 1 if _min_test_acc(row, self.task) >= self.config.stop_acc else 0
             self.stopped_early = self.patience >= self.config.stop_patience
+        if self.config.stop_at_grok and all(g is not None for g in self.grok_step.values()):
+            self.stopped_early = True
         row = {"step": self.step, **row}
         self.history.append(row)
         if self.run is not None:

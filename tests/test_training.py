@@ -166,3 +166,18 @@ def test_reruns_are_bit_identical(tiny_multitask):
     a = Trainer(build_model("xu2026", tiny_multitask, seed=3), tiny_multitask, cfg, progress=False).fit()
     b = Trainer(build_model("xu2026", tiny_multitask, seed=3), tiny_multitask, cfg, progress=False).fit()
     assert a.history == b.history
+
+
+
+def test_stop_at_grok_stops_at_the_first_eval_where_every_op_has_grokked():
+    task = ModularArithmetic(11, ("add",), 0.8, 0)  # a larger train split: test accuracy rises within 100 steps
+    cfg = TrainConfig(steps=100, eval_every=10, checkpoint_every=0, stop_patience=0, grok_acc=0.15, batch_size=64,
+                      lr=3e-3, weight_decay=0.1)
+    full = Trainer(build_model("xu2026", task, seed=0, init="tl"), task, cfg, progress=False).fit()
+    # Independently: the first logged eval at which every op's test accuracy reached grok_acc.
+    first = next((r["step"] for r in full.history if all(r[f"test/acc/{op}"] >= cfg.grok_acc for op in task.ops)), None)
+    assert first is not None and 0 < first < cfg.steps, "the check needs a run that groks before its last step"
+    cfg.stop_at_grok = True
+    res = Trainer(build_model("xu2026", task, seed=0, init="tl"), task, cfg, progress=False).fit()
+    assert res.stopped_early and res.steps == first and res.grok_step == {"add": first}
+    assert res.history == full.history[: len(res.history)]
