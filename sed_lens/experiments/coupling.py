@@ -25,7 +25,7 @@ from sed_lens.analysis.trajectory import ScanConfig, scan_coupling
 from sed_lens.cli import config_from_args, config_from_dict, parser_for, run_cli
 from sed_lens.errors import check
 from sed_lens.experiments.grokking import GrokkingConfig, build, open_run, train
-from sed_lens.grid import BACKENDS, Cell, run_grid
+from sed_lens.grid import BACKENDS, Cell, raise_failures, run_grid
 from sed_lens.hooks.snapshots import SnapshotStore
 from sed_lens.models import INITS, PRESETS
 from sed_lens.tasks import available_ops
@@ -65,6 +65,8 @@ class CouplingConfig:
     train_frac: float = field(default=0.5, metadata={"help": "fraction of pairs for training"})
     every: int = field(default=25, metadata={"help": "snapshot interval (steps)"})
     multitask_snapshots: int = field(default=30, metadata={"help": "measured snapshots of a multitask run"})
+    multitask_seeds: tuple[int, ...] | None = field(default=None, metadata={
+        "help": "seeds of the multitask runs (default: --seeds)"})
     train: TrainConfig = field(default_factory=TrainConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
     artifacts: bool = field(default=True, metadata={"help": "save per measured snapshot what recomputes its R values"})
@@ -158,7 +160,7 @@ def cells(cfg: CouplingConfig) -> list[Cell]:
             "grokking": gconfig((ab_op,), ab_seed), "scan": asdict(scan), "every": cfg.every,
             "artifacts": cfg.artifacts}))
     if cfg.multitask:
-        for seed in cfg.seeds:
+        for seed in cfg.multitask_seeds or cfg.seeds:
             scan = replace(cfg.scan, n_snapshots=cfg.multitask_snapshots)
             out.append(Cell(f"multitask-s{seed}", target, {"grokking": gconfig(tuple(cfg.ops), seed),
                                                            "scan": asdict(scan), "every": cfg.every,
@@ -282,36 +284,48 @@ def figures(cfg: CouplingConfig, out: Path, couplings: dict[str, dict[str, Any]]
     return figs
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = parser_for(CouplingConfig, "python -m sed_lens.experiments.coupling", __doc__ or "")
-    cfg = config_from_args(CouplingConfig, ap.parse_args(argv))
+def validate(cfg: CouplingConfig) -> None:
     cfg.train.validate()
     cfg.scan.validate()
     for op in (*cfg.ops, *([cfg.ablation_op] if cfg.ablation_op else [])):
         check(op in available_ops(), f"unknown op {op!r}; choose from {', '.join(available_ops())}.")
     check(len(cfg.seeds) > 0 and len(cfg.ops) > 0, "name at least one op and one seed.")
-    if cfg.from_run:
-        analyse_existing(cfg)
-        return
+    check(cfg.workers is None or cfg.workers >= 1, f"workers must be at least 1, got {cfg.workers}.")
+
+
+def run(cfg: CouplingConfig) -> dict[str, Any]:
+    """Run (or complete) the grid of ``cfg``; write OUT/coupling.json, coupling.md and the figures."""
+    validate(cfg)
     grid = cells(cfg)
     check(len(grid) > 0, "nothing to run: --no-single without --multitask or an ablation.")
     out = Path(cfg.out)
     results = run_grid(grid, out / "cells", backend=cfg.backend, workers=cfg.workers, ray_address=cfg.ray_address,
                        progress=cfg.progress, desc="coupling runs")
-    failed = [r for r in results if r.error]
+    raise_failures(results)
     done = {r.name: r.summary for r in results if r.summary is not None}
-    couplings = {r.name: json.loads((Path(r.run_dir) / "coupling.json").read_text()) for r in results if r.summary}
+    couplings = {r.name: json.loads((Path(r.run_dir) / "coupling.json").read_text()) for r in results}
     md, agg = tables(cfg, done)  # type: ignore[arg-type]
     figs = figures(cfg, out, couplings, agg)
     md += "\n## Figures\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figs) + "\n"
     (out / "coupling.md").write_text(md)
-    write_json(out / "coupling.json", {"config": asdict(cfg), "runs": done, "aggregate": agg})
-    print(md)
-    print(f"results: {out / 'coupling.md'}, {out / 'coupling.json'}; runs in {out / 'cells'}")
-    if failed:
-        for r in failed:
-            print(f"run {r.name} failed: {(r.error or '').splitlines()[0]}", file=sys.stderr)
-        raise SystemExit(1)
+    result = {"config": asdict(cfg), "runs": done, "aggregate": agg, "figures": [str(f) for f in figs],
+              "table": str(out / "coupling.md"), "skipped": sum(r.skipped for r in results)}
+    write_json(out / "coupling.json", result)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = parser_for(CouplingConfig, "python -m sed_lens.experiments.coupling", __doc__ or "")
+    cfg = config_from_args(CouplingConfig, ap.parse_args(argv))
+    if cfg.from_run:
+        validate(cfg)
+        analyse_existing(cfg)
+        return
+    result = run(cfg)
+    print(Path(result["table"]).read_text())
+    out = Path(cfg.out)
+    print(f"results: {out / 'coupling.md'}, {out / 'coupling.json'}; runs in {out / 'cells'}"
+          + (f" ({result['skipped']} already finished)" if result["skipped"] else ""))
 
 
 def cli() -> None:

@@ -6,14 +6,15 @@ trains one shared encoder with a head per op. Prints the grok step, final accura
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sed_lens.cli import config_from_args, config_from_dict, csv, parser_for, run_cli
-from sed_lens.errors import check
+from sed_lens.errors import SedLensError, check
 from sed_lens.hooks.capture import GradientCapture
 from sed_lens.hooks.snapshots import SnapshotStore
 from sed_lens.models import INITS, PRESETS, build_model, get_preset, model_spec
@@ -50,6 +51,9 @@ class GrokkingConfig:
     wandb_mode: str = field(default="offline", metadata={"help": "W&B mode", "choices": WANDB_MODES})
     wandb_project: str = field(default="sed-lens", metadata={"help": "W&B project"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    resume: str | None = field(default=None, metadata={
+        "help": "continue the run in this directory from its last checkpoint, with its saved settings "
+                "(e.g. after it was killed); pass no other flags"})
 
     @property
     def name(self) -> str:
@@ -75,31 +79,64 @@ def capture_callbacks(cfg: GrokkingConfig, run_dir: Path | None = None) -> list[
     return out
 
 
-def open_run(cfg: GrokkingConfig, config: dict[str, Any] | None = None, job_type: str = "grokking") -> Run:
-    """The run directory (and W&B run) of ``cfg``; ``config`` is logged (default: ``cfg``)."""
+def open_run(cfg: GrokkingConfig, config: dict[str, Any] | None = None, job_type: str = "grokking",
+             resume: bool = False) -> Run:
+    """The run directory (and W&B run) of ``cfg``; ``config`` is logged (default: ``cfg``). ``resume`` reopens
+    an existing run directory (and its W&B run)."""
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(job_type, cfg.name)
     return Run(run_dir, config if config is not None else {"experiment": "grokking", **asdict(cfg)},
-               wandb_mode=cfg.wandb_mode, project=cfg.wandb_project, name=cfg.name, job_type=job_type)
+               wandb_mode=cfg.wandb_mode, project=cfg.wandb_project, name=cfg.name, job_type=job_type, resume=resume)
 
 
-def train(cfg: GrokkingConfig, tracker: Run | None, callbacks: Sequence[Callback] = ()) -> tuple[TrainResult, ModularArithmetic, Any]:
-    """Build and train ``cfg``'s model, logging to ``tracker``; returns the result, the task and the model."""
+def train(cfg: GrokkingConfig, tracker: Run | None, callbacks: Sequence[Callback] = (),
+          resume: bool = False) -> tuple[TrainResult, ModularArithmetic, Any]:
+    """Build and train ``cfg``'s model, logging to ``tracker``; returns the result, the task and the model.
+
+    ``resume``: continue from the tracker's last checkpoint (from the start if it has none yet)."""
     cfg.train.validate()
     callbacks = [*capture_callbacks(cfg, tracker.dir if tracker is not None else None), *callbacks]
     task, model = build(cfg)
     if tracker is not None:
         tracker.save_json("model.json", {"task": task.describe(), "model": model_spec(model)})
-    result = Trainer(model, task, cfg.train, callbacks, run=tracker, progress=cfg.progress).fit()
+    trainer = Trainer(model, task, cfg.train, callbacks, run=tracker, progress=cfg.progress)
+    resume_from = None
+    if resume and tracker is not None:
+        resume_from = trainer.checkpoint_path if trainer.checkpoint_path.is_file() else None
+        if resume_from is None:
+            tracker.truncate_metrics(-1)  # killed before its first checkpoint: start over
+    result = trainer.fit(resume_from=resume_from)
     return result, task, model
 
 
-def run(cfg: GrokkingConfig, callbacks: Sequence[Callback] = ()) -> tuple[TrainResult, Run]:
-    """Train ``cfg`` in a new run directory; returns the result and the (finished) run."""
+def run(cfg: GrokkingConfig, callbacks: Sequence[Callback] = (), resume: bool = False) -> tuple[TrainResult, Run]:
+    """Train ``cfg`` in a new run directory (or continue it, ``resume``); returns the result and the finished run."""
     cfg.train.validate()
     capture_callbacks(cfg)  # validate the SED flags before creating the run directory
-    with open_run(cfg) as tracker:
-        result, _, _ = train(cfg, tracker, callbacks)
+    with open_run(cfg, resume=resume) as tracker:
+        result, _, _ = train(cfg, tracker, callbacks, resume=resume)
     return result, tracker
+
+
+def saved_config(run_dir: str | Path, experiment: str = "grokking") -> dict[str, Any]:
+    """The settings a run directory was made with (its ``config.json``)."""
+    path = Path(run_dir)
+    check(path.is_dir(), f"cannot resume: run directory {path} does not exist.")
+    check((path / "config.json").is_file(), f"cannot resume: {path} holds no config.json, so it is not a run directory.")
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError:
+        raise SedLensError(f"cannot resume: {path / 'config.json'} is not valid JSON.") from None
+    check(saved.get("experiment") == experiment,
+          f"cannot resume: {path} is a {saved.get('experiment', 'unknown')} run, not a {experiment} run.")
+    return {k: v for k, v in saved.items() if k != "experiment"}
+
+
+def resume(run_dir: str | Path, progress: bool = True) -> tuple[GrokkingConfig, TrainResult, Run]:
+    """Continue the grokking run in ``run_dir`` from its last checkpoint, with its saved settings."""
+    cfg = config_from_dict(GrokkingConfig, saved_config(run_dir))
+    cfg = replace(cfg, run_dir=str(run_dir), progress=progress, resume=None)
+    result, tracker = run(cfg, resume=True)
+    return cfg, result, tracker
 
 
 def grid_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
@@ -130,9 +167,16 @@ def report(cfg: GrokkingConfig, result: TrainResult, tracker: Run) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = parser_for(GrokkingConfig, "python -m sed_lens.experiments.grokking", __doc__ or "")
-    cfg = config_from_args(GrokkingConfig, ap.parse_args(argv))
-    check(len(cfg.ops) > 0, "name at least one op.")
-    result, tracker = run(cfg)
+    ns = ap.parse_args(argv)
+    cfg = config_from_args(GrokkingConfig, ns)
+    if cfg.resume is not None:
+        other = sorted(k for k in vars(ns) if k not in ("resume", "progress"))
+        check(not other, f"--resume continues a run with its saved settings; drop --{other[0].replace('_', '-')}."
+              if other else "")
+        cfg, result, tracker = resume(cfg.resume, cfg.progress)
+    else:
+        check(len(cfg.ops) > 0, "name at least one op.")
+        result, tracker = run(cfg)
     print(report(cfg, result, tracker))
 
 

@@ -148,7 +148,10 @@ def cells(cfg: InterventionConfig) -> list[Cell]:
                                   train_frac=cfg.train_frac, train=TrainConfig(**asdict(cfg.train)),
                                   wandb_mode=cfg.wandb_mode, wandb_project=cfg.wandb_project)
             grok_dict = {k: v for k, v in asdict(grok).items() if k not in ("run_dir", "progress")}
-            projection = {"k": cfg.k, "mode": cond.mode, "basis": cond.basis, "apply_to": cfg.method,
+            # The control changes nothing, whatever it would act on: one canonical config, so the gradient and
+            # update grids of the same op can share their control runs.
+            apply_to = cfg.method if cond.mode != "none" else "gradient"
+            projection = {"k": cfg.k, "mode": cond.mode, "basis": cond.basis, "apply_to": apply_to,
                           "window": cfg.window, "warmup": cfg.warmup, "seed": seed}
             config = {"condition": code, "grokking": grok_dict, "projection": projection}
             out.append(Cell(cell_name(code, seed), TARGET, to_jsonable(config)))

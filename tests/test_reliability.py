@@ -1,0 +1,164 @@
+"""Reliability: bit-identical reruns, kill-and-resume, failure handling (disk full, corrupted checkpoints)."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import sed_lens.tracking as tracking
+from sed_lens.cli import run_cli
+from sed_lens.errors import SedLensError
+from sed_lens.experiments import grokking
+from sed_lens.models import build_model
+from sed_lens.tracking import Run, read_jsonl
+from sed_lens.training import Trainer, TrainConfig
+
+FLAGS = ["--p", "11", "--steps", "120", "--eval-every", "10", "--checkpoint-every", "20", "--sed", "update,gradient",
+         "--sed-every", "5", "--sed-window", "4", "--wandb-mode", "disabled", "--no-progress"]
+
+
+def cli(argv, capsys=None):
+    try:
+        code = run_cli(grokking.main, argv, prog="grokking")
+    except SystemExit as e:
+        code = e.code
+    return code
+
+
+def rows_without_timing(path):
+    return [{k: v for k, v in r.items() if "time" not in k} for r in read_jsonl(path)]
+
+
+def test_same_config_and_seed_give_identical_metrics_and_sed_directions(tmp_path):
+    for name in ("a", "b"):
+        assert cli([*FLAGS, "--steps", "40", "--run-dir", str(tmp_path / name)]) == 0
+    assert rows_without_timing(tmp_path / "a" / "metrics.jsonl") == rows_without_timing(tmp_path / "b" / "metrics.jsonl")
+    a = torch.load(tmp_path / "a" / "sed_bases.pt", weights_only=False)["bases"]
+    b = torch.load(tmp_path / "b" / "sed_bases.pt", weights_only=False)["bases"]
+    assert set(a) == {"update", "gradient"}
+    for k in a:
+        assert torch.equal(a[k]["directions"], b[k]["directions"])
+
+
+def run_until_killed(run_dir: Path, min_step: int | None, timeout: float = 300.0) -> int:
+    """Start the CLI in a subprocess and SIGKILL it once metrics.jsonl has reached ``min_step`` (None: as soon
+    as the run directory exists, before any checkpoint). Returns the last logged step at the kill."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sed_lens.experiments.grokking", *FLAGS, "--run-dir", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + timeout
+    last = -1
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists():
+                lines = metrics.read_text().splitlines()
+                if lines:
+                    last = json.loads(lines[-1])["step"]
+                if min_step is None or last >= min_step:
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    return last
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_identical_final_metrics(tmp_path):
+    assert cli([*FLAGS, "--run-dir", str(tmp_path / "whole")]) == 0
+    whole = rows_without_timing(tmp_path / "whole" / "metrics.jsonl")
+    bases = torch.load(tmp_path / "whole" / "sed_bases.pt", weights_only=False)["bases"]
+    for i, kill_at in enumerate((None, 30, 85)):  # before the first checkpoint, after the first, mid-run
+        rd = tmp_path / f"killed{i}"
+        run_until_killed(rd, kill_at)
+        assert not (rd / "summary.json").exists()
+        assert cli(["--resume", str(rd)]) == 0
+        assert rows_without_timing(rd / "metrics.jsonl") == whole, kill_at
+        again = torch.load(rd / "sed_bases.pt", weights_only=False)["bases"]
+        for k in bases:
+            assert torch.equal(again[k]["directions"], bases[k]["directions"])
+        assert json.loads((rd / "summary.json").read_text())["final"] == \
+            json.loads((tmp_path / "whole" / "summary.json").read_text())["final"]
+
+
+def test_resume_errors(tmp_path, capsys):
+    assert cli(["--resume", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli(["--resume", str(tmp_path / "empty")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert cli(["--resume", str(tmp_path / "empty"), "--p", "13"]) == 2
+    assert "drop --p" in capsys.readouterr().err
+    rd = tmp_path / "r"
+    assert cli([*FLAGS, "--steps", "20", "--run-dir", str(rd)]) == 0
+    capsys.readouterr()
+    ckpt = rd / "checkpoints" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # truncated, as by a crash mid-copy
+    assert cli(["--resume", str(rd)]) == 2
+    err = capsys.readouterr().err
+    assert "truncated or corrupted" in err and str(ckpt) in err and err.count("\n") == 1
+
+
+def test_a_finished_run_resumes_to_the_same_summary(tmp_path, capsys):
+    rd = tmp_path / "done"
+    assert cli([*FLAGS, "--steps", "20", "--run-dir", str(rd)]) == 0
+    before = json.loads((rd / "summary.json").read_text())
+    assert cli(["--resume", str(rd)]) == 0
+    after = json.loads((rd / "summary.json").read_text())
+    assert after["final"] == before["final"] and after["steps"] == 20
+    assert [r["step"] for r in read_jsonl(rd / "metrics.jsonl")] == [0, 10, 20]
+
+
+def test_no_space_left_keeps_the_previous_checkpoint(tmp_path, monkeypatch, tiny_task):
+    with Run(tmp_path / "r", {}, wandb_mode="disabled") as run:
+        t = Trainer(build_model("xu2026", tiny_task), tiny_task, TrainConfig(steps=10, eval_every=5, checkpoint_every=5),
+                    run=run, progress=False)
+        t.fit()
+        good = t.checkpoint_path.read_bytes()
+        real_fsync = os.fsync
+
+        def full(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(tracking.os, "fsync", full)
+        t.train_step()
+        with pytest.raises(SedLensError, match="No space left on device.*previous checkpoint is intact"):
+            t.save_checkpoint(t.checkpoint_path)
+        monkeypatch.setattr(tracking.os, "fsync", real_fsync)
+    assert t.checkpoint_path.read_bytes() == good
+    assert not [p for p in t.checkpoint_path.parent.iterdir() if p.name.endswith(".tmp")]
+    fresh = Trainer(build_model("xu2026", tiny_task, seed=3), tiny_task, TrainConfig(steps=10), progress=False)
+    fresh.load_checkpoint(t.checkpoint_path)
+    assert fresh.step == 10
+
+
+def test_nan_stops_the_cli_with_one_line_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    import sed_lens.training as training
+
+    real = training.op_losses
+
+    def poisoned(model, tokens, labels):
+        out = real(model, tokens, labels)
+        if poisoned.calls >= 25:
+            out = {k: v * float("nan") for k, v in out.items()}
+        poisoned.calls += 1
+        return out
+
+    poisoned.calls = 0
+    monkeypatch.setattr(training, "op_losses", poisoned)
+    rd = tmp_path / "nan"
+    assert cli([*FLAGS, "--steps", "60", "--run-dir", str(rd)]) == 2
+    err = capsys.readouterr().err
+    assert "diverged at step 26" in err and err.count("\n") == 1
+    state = torch.load(rd / "checkpoints" / "last.pt", weights_only=False)
+    params = {k: v for k, v in state["model"].items() if not k.endswith(("IGNORE", "mask"))}
+    assert state["step"] == 20 and all(torch.isfinite(v).all() for v in params.values())
