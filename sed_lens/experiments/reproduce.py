@@ -117,9 +117,14 @@ def share_controls(interventions: Sequence[intervention_exp.InterventionConfig])
 
 
 def versions() -> dict[str, str]:
-    import torch
-    import transformer_lens
+    from importlib.metadata import PackageNotFoundError, version
 
+    import torch
+
+    try:
+        tl_version = version("transformer-lens")
+    except PackageNotFoundError:
+        tl_version = "unknown"
     commit = "unknown"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -127,7 +132,7 @@ def versions() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         pass
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformer_lens": getattr(transformer_lens, "__version__", "?"), "sed_lens_commit": commit,
+            "transformer_lens": tl_version, "sed_lens_commit": commit,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
 
 

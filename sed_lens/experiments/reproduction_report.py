@@ -116,16 +116,21 @@ def headline(coupling: Mapping[str, Any], ivs: Sequence[Mapping[str, Any]]) -> l
 def discussion(coupling: Mapping[str, Any], ivs: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> list[str]:
     """Every difference from the paper, with the number that shows it and the reason we know of."""
     out: list[str] = []
-    ctrl = [res["conditions"]["A"] for res in ivs if res["config"]["op"] == "add" and "A" in res["conditions"]]
+    ctrl = [res for res in ivs if res["config"]["op"] == "add" and "A" in res["conditions"]]
     if ctrl:
-        m = ctrl[0]["mean"]
-        out.append(f"- **Grok steps (initialisation, randomness).** Our control groks add at step {m:.0f} on average "
-                   f"(seeds {', '.join(str(int(x)) for x in ctrl[0]['grok_steps'])}) against the paper's 3358. Both use "
-                   "PyTorch's default initialisation of the same `nn.TransformerEncoder` model (sed_lens builds that "
-                   "module under the seed and converts its weights, identical initial layers included), the same "
-                   "split rule and batch sampler, but the random numbers each seed draws differ from the author's "
-                   "run (hardware, library versions, call order), and grok steps vary by ±20% across seeds. "
-                   "Speedups are ratios and compare directly; step counts only roughly.")
+        c, cfg = ctrl[0]["conditions"]["A"], ctrl[0]["config"]
+        torch_init = (cfg.get("init") or "torch") == "torch"
+        out.append(f"- **Grok steps (initialisation, randomness).** Our control groks add mod {cfg['p']} at step "
+                   f"{c['mean']:.0f} on average (seeds {', '.join(str(int(x)) for x in c['grok_steps'])}) against the "
+                   "paper's 3358 (p 97). "
+                   + ("Both use PyTorch's default initialisation of the same `nn.TransformerEncoder` model (sed_lens "
+                      "builds that module under the seed and converts its weights, identical initial layers "
+                      "included), the same split rule and batch sampler, but the random numbers each seed draws "
+                      "differ from the author's run (hardware, library versions, call order), and grok steps vary by "
+                      "±20% across seeds. " if torch_init else
+                      "This run uses TransformerLens' initialisation, which groks several times sooner than the "
+                      "paper's PyTorch default, so step counts are not comparable. ")
+                   + "Speedups are ratios and compare directly; step counts only roughly.")
     out.append("- **Stop rule.** The paper's text stops after 20 *consecutive* evals at test accuracy ≥ 0.98; its "
                "code counts 20 evals without resetting. We use the text's rule, so runs can be slightly longer, "
                "which moves the 40 evenly spaced coupling snapshots a little later.")
@@ -152,7 +157,7 @@ def discussion(coupling: Mapping[str, Any], ivs: Sequence[Mapping[str, Any]], me
     if coupling["aggregate"].get("multitask"):
         out.append("- **Multitask details the paper does not publish.** The author's multitask script is not public. "
                    "Our reading: one encoder, four linear heads (one unembedding sliced per op), loss = sum of the "
-                   "four cross-entropies on one shared batch, pairs from 1..96 so mul is defined, the same stop rule "
+                   "four cross-entropies on one shared batch, pairs from 1..p−1 so mul is defined, the same stop rule "
                    "over all four ops, 30 evenly spaced snapshots, each op's centroids from its own head; "
                    f"seeds {', '.join(r['seed'].__str__() for r in next(iter(coupling['aggregate']['multitask'].values())))}. "
                    "We also report the aggregated *gradient* SED (sum of the per-op gradients), which separates "
@@ -205,10 +210,11 @@ def write_report(root: Path, coupling: Mapping[str, Any], ivs: Sequence[Mapping[
         "",
         "## Detailed tables",
         "",
-        Path(coupling["table"]).read_text().split("## Figures")[0].replace("# SED–LCH coupling", "### SED–LCH coupling"),
+        Path(coupling["table"]).read_text().split("## Figures")[0].replace("## ", "#### ")
+        .replace("# SED–LCH coupling", "### SED–LCH coupling"),
     ]
     for res in ivs:
-        lines.append(Path(res["table"]).read_text().replace("## ", "### "))
+        lines.append("### Intervention\n\n" + Path(res["table"]).read_text().replace("## ", "#### "))
     lines += ["## Figures", ""]
     fig_lines = [(name, path) for name, path in figs if path.is_file()]
     root_md = root / "REPRODUCTION.md"
