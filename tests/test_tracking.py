@@ -161,3 +161,88 @@ def test_to_jsonable():
 
     assert to_jsonable({"t": torch.tensor([1.0, 2.0]), "n": np.float32(0.5), "i": float("inf")}) == \
         {"t": [1.0, 2.0], "n": 0.5, "i": None}
+
+
+# --- what the experiments log to W&B (offline runs, read back from their files) ---------------------------------
+
+
+def test_a_grokking_run_logs_metrics_figures_and_an_artifact(tmp_path, monkeypatch):
+    from sed_lens.cli import run_cli
+    from sed_lens.experiments import grokking
+
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    rd = tmp_path / "g"
+    assert run_cli(grokking.main, ["--p", "7", "--steps", "10", "--eval-every", "5", "--sed", "gradient",
+                                   "--sed-window", "3", "--sed-k", "2", "--sed-every", "5", "--run-dir", str(rd),
+                                   "--no-progress", "--checkpoint-every", "0", "--wandb-project", "sed-lens-test"]) == 0
+    w = read_offline_run(rd)
+    assert w.complete and w.job_type == "grokking" and w.config["p"] == 7
+    rows = read_jsonl(rd / "metrics.jsonl")
+    for key in ("test/acc/add", "train/loss/add", "sed/gradient/sigma_1", "sed/gradient/gap_1"):
+        assert w.metric(key) == [(r["step"], r[key]) for r in rows if key in r], key
+    for key, name in (("figures/grokking", "grokking.png"), ("figures/sed_spectra", "sed_spectra.png")):
+        [img] = w.images(key)
+        assert img.read_bytes() == (rd / name).read_bytes()
+    [art] = [a for a in w.artifacts if a["type"] == "grokking-run"]
+    assert sorted(art["files"]) == ["config.json", "model.json", "sed_bases.pt", "summary.json"]
+    assert art["metadata"]["steps"] == 10
+    assert w.summary["grok_step"] == json.loads((rd / "summary.json").read_text())["grok_step"]
+
+
+def test_coupling_runs_log_every_R_their_figures_bases_and_a_summary_run(tmp_path, monkeypatch):
+    import torch
+
+    from sed_lens.cli import run_cli
+    from sed_lens.experiments import coupling
+
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    out = tmp_path / "c"
+    assert run_cli(coupling.main, ["--p", "7", "--ops", "add", "--seeds", "1", "--steps", "20", "--every", "4",
+                                   "--n-snapshots", "3", "--window", "2", "--k", "1", "--n-probes", "8",
+                                   "--n-random", "3", "--eval-every", "10", "--eps-ablation", "--out", str(out),
+                                   "--no-progress", "--workers", "1", "--wandb-project", "sed-lens-test"]) == 0
+    cell = out / "cells" / "add-s1"
+    local = json.loads((cell / "coupling.json").read_text())
+    w = read_offline_run(cell)
+    assert w.complete and w.job_type == "coupling"
+    columns, rows = w.table("coupling/R")
+    assert (columns, rows) == tuple(to_jsonable(coupling.coupling_table(local, 1)))
+    n_keys = sum(len([k for k in s["ops"]["add"] if k != "random"]) for s in local["snapshots"])
+    assert len(rows) == n_keys and columns[:7] == ["op", "seed", "step", "key", "source", "align", "variant"]
+    [img] = w.images("figures/coupling_add")
+    assert img.read_bytes() == (cell / "coupling_add.png").read_bytes()
+    [art] = [a for a in w.artifacts if a["type"] == "coupling"]
+    assert sorted(art["files"]) == ["config.json", "coupling.json", "sed_bases.pt", "summary.json"]  # no artifacts/
+    # the SED bases at each key's peak and final snapshot, as measured
+    bases = torch.load(cell / "sed_bases.pt", weights_only=False)
+    s = local["summary"]["add"]["gradient/leading"]
+    assert bases["selected"]["add"]["gradient/leading"] == {"peak": s["peak_step"], "final": s["final_step"]}
+    snap = torch.load(cell / "artifacts" / f"snapshot_{s['peak_step']:06d}.pt", weights_only=False)
+    assert torch.equal(bases["bases"]["gradient/leading"][s["peak_step"]], snap["directions"]["gradient/leading"])
+    # the aggregate's own run: the summary tables beside the paper's, the figures, coupling.json + .md
+    [summary_dir] = list((out / "summary").iterdir())
+    sw = read_offline_run(summary_dir)
+    assert sw.complete and sw.job_type == "coupling-summary"
+    agg = json.loads((out / "coupling.json").read_text())["aggregate"]
+    cols, single = sw.table("coupling/summary/single")
+    assert dict(zip(cols, single[0], strict=True))["gradient_peak_R_mean"] == agg["single"]["add-s1"]["gradient_peak"]
+    cols, eps = sw.table("coupling/summary/eps_ablation")
+    assert [r[0] for r in eps] == ["0.001", "0.005", "0.05", "→ 0 (exact JVP)"] and [r[2] for r in eps] == [221, 212, 74, None]
+    assert {k for r in sw.history for k in r if k.startswith("figures/")} == {"figures/coupling_single", "figures/eps_ablation"}
+    [art] = [a for a in sw.artifacts if a["type"] == "coupling-summary"]
+    assert sorted(art["files"]) == ["coupling.json", "coupling.md"]
+
+
+def test_coupling_without_aggregate_only_runs_the_cells(tmp_path, capsys):
+    from sed_lens.cli import run_cli
+    from sed_lens.experiments import coupling
+
+    out = tmp_path / "c"
+    argv = ["--p", "7", "--ops", "add", "--seeds", "1", "--steps", "8", "--every", "4", "--n-snapshots", "2",
+            "--window", "2", "--k", "1", "--n-probes", "4", "--n-random", "2", "--eval-every", "4", "--out", str(out),
+            "--no-progress", "--workers", "1", "--wandb-mode", "disabled", "--no-aggregate"]
+    assert run_cli(coupling.main, argv) == 0
+    assert (out / "cells" / "add-s1" / "cell.json").is_file() and not (out / "coupling.json").exists()
+    assert "not aggregated" in capsys.readouterr().out
+    assert run_cli(coupling.main, argv[:-1]) == 0  # the same grid again: the cell is skipped, the aggregate written
+    assert (out / "coupling.json").is_file() and not (out / "summary").exists()  # W&B disabled: no summary run
