@@ -1,6 +1,8 @@
 """The Ray backend of the grid runner: same results as the local backend; clear errors without Ray or a cluster."""
 
+import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -64,3 +66,56 @@ def test_ray_workers_get_this_checkout_on_their_path():
 
     src = Path(sed_lens.__file__).resolve().parent.parent
     assert ray_runtime_env()["env_vars"]["PYTHONPATH"].split(os.pathsep)[0] == str(src)
+
+
+# --- sweep specs for `wandb agent` ------------------------------------------------------------------------------
+
+SWEEPS = Path(__file__).resolve().parent.parent / "experiments" / "sweeps"
+
+
+def sweep_configs(name, cls):
+    """The config of every job of a grid sweep, from the flags `wandb agent` renders for it (its own renderer)."""
+    import itertools
+
+    import yaml
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    from sed_lens.cli import config_from_args, parser_for
+
+    spec = yaml.safe_load((SWEEPS / name).read_text())
+    module = f"sed_lens.experiments.{name.removesuffix('.yaml')}"
+    assert spec["method"] == "grid" and (SWEEPS.parent.parent / spec["program"]).is_file()
+    cmd = spec["command"]
+    assert cmd[:4] == ["${env}", "${interpreter}", "-m", module] and cmd[-1] == "${args}"
+    grid = {k: v["values"] if "values" in v else [v["value"]] for k, v in spec["parameters"].items()}
+    ap = parser_for(cls, module, "")
+    out = []
+    for combo in itertools.product(*grid.values()):
+        flags = create_sweep_command_args({"args": {k: {"value": v} for k, v in zip(grid, combo, strict=True)}})["args"]
+        out.append(config_from_args(cls, ap.parse_args([*cmd[4:-1], *flags])))
+    return out
+
+
+def test_the_grokking_sweep_runs_every_op_and_seed_online():
+    from sed_lens.experiments.grokking import GrokkingConfig
+
+    jobs = sweep_configs("grokking.yaml", GrokkingConfig)
+    assert sorted((c.ops, c.seed) for c in jobs) == sorted(((op,), s) for op in ("add", "sub", "mul", "sq")
+                                                           for s in (42, 137, 2024))
+    assert all(c.wandb_mode == "online" and not c.progress for c in jobs)
+
+
+def test_the_coupling_sweep_runs_one_cell_per_job_and_the_aggregate_run_skips_them():
+    from sed_lens.cli import config_from_args, parser_for
+    from sed_lens.experiments.coupling import CouplingConfig, cells
+
+    jobs = sweep_configs("coupling.yaml", CouplingConfig)
+    job_cells = [c for cfg in jobs for c in cells(cfg)]
+    assert len(job_cells) == len(jobs) == 12 and len({c.name for c in job_cells}) == 12
+    assert all(not cfg.aggregate and cfg.out == "runs/coupling" and cfg.wandb_mode == "online" for cfg in jobs)
+    # the aggregation command the spec documents sees exactly these cells (same configs: skipped, not rerun)
+    [documented] = re.findall(r"^#\s+python -m sed_lens\.experiments\.coupling (.+)$", (SWEEPS / "coupling.yaml").read_text(), re.M)
+    agg = config_from_args(CouplingConfig, parser_for(CouplingConfig, "c", "").parse_args(documented.split()))
+    assert agg.aggregate and agg.out == "runs/coupling"
+    assert sorted((c.name, json.dumps(c.config, sort_keys=True)) for c in cells(agg)) == \
+        sorted((c.name, json.dumps(c.config, sort_keys=True)) for c in job_cells)
