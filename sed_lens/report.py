@@ -72,11 +72,21 @@ Block = Heading | Text | Table | Figure | Details
 
 
 @dataclass
+class LinePanel:
+    """A W&B line plot of logged metrics ``y`` against ``x`` (the W&B step, or a metric such as ``coupling/step``)."""
+
+    title: str
+    y: list[str]
+    log_y: bool = False
+    x: str = "Step"
+
+
+@dataclass
 class Panels:
     """What a directory's runs logged to W&B, for the panel grid of the W&B report."""
 
     run_ids: list[str] = field(default_factory=list)
-    line_plots: list[tuple[str, list[str], bool]] = field(default_factory=list)  # (title, metric keys, log y)
+    line_plots: list[LinePanel] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
 
@@ -182,23 +192,32 @@ def wandb_ids(*run_dirs: Path) -> list[str]:
     return [load_json(d / "run.json")["wandb_id"] for d in run_dirs if json_has(d / "run.json", "wandb_id")]
 
 
-def metric_plots(keys: set[str]) -> list[tuple[str, list[str], bool]]:
-    """Line plots of the standard metric families present in ``keys``: accuracy, loss, and per SED stream the
-    singular values, gaps and basis overlap."""
-    out: list[tuple[str, list[str], bool]] = []
+def metric_plots(keys: set[str]) -> list[LinePanel]:
+    """Line plots of the standard metric families present in ``keys``: accuracy, loss, per SED stream the
+    singular values, gaps and basis overlap, and per op the coupling R̄ of each SED stream (over ``coupling/step``)."""
+    out: list[LinePanel] = []
     acc = sorted(k for k in keys if re.fullmatch(r"(train|test)/acc/.+", k))
     loss = sorted(k for k in keys if re.fullmatch(r"(train|test)/loss/.+", k))
     if acc:
-        out.append(("accuracy (train, test)", acc, False))
+        out.append(LinePanel("accuracy (train, test)", acc))
     if loss:
-        out.append(("loss (train, test)", loss, True))
+        out.append(LinePanel("loss (train, test)", loss, log_y=True))
     streams = sorted({m[1] for k in keys if (m := re.fullmatch(r"sed/(.+)/sigma_\d+", k))})
     for s in streams:
-        out.append((f"{s} SED: singular values", sorted(k for k in keys if re.fullmatch(rf"sed/{re.escape(s)}/sigma_\d+", k)), True))
-        out.append((f"{s} SED: gaps σ_j/σ_j+1", sorted(k for k in keys if re.fullmatch(rf"sed/{re.escape(s)}/gap_\d+", k)), True))
+        family = {f: sorted(k for k in keys if re.fullmatch(rf"sed/{re.escape(s)}/{f}_\d+", k)) for f in ("sigma", "gap")}
+        out.append(LinePanel(f"{s} SED: singular values", family["sigma"], log_y=True))
+        out.append(LinePanel(f"{s} SED: gaps σ_j/σ_j+1", family["gap"], log_y=True))
         if f"sed/{s}/overlap" in keys:
-            out.append((f"{s} SED: overlap with the previous basis", [f"sed/{s}/overlap"], False))
+            out.append(LinePanel(f"{s} SED: overlap with the previous basis", [f"sed/{s}/overlap"]))
     return out
+
+
+def coupling_plots(ops_keys: Mapping[str, Sequence[str]]) -> list[LinePanel]:
+    """Per op, R̄ of its SED streams over the training step of the measured snapshots (as coupling runs log it)."""
+    from sed_lens.experiments.coupling import split_key
+
+    return [LinePanel(f"coupling R̄, {op}", [f"coupling/{op}/{k}/R_mean" for k in keys if not split_key(k)[2]],
+                      log_y=True, x="coupling/step") for op, keys in ops_keys.items()]
 
 
 def metric_keys(*paths: Path) -> set[str]:
@@ -299,7 +318,9 @@ def coupling_section(run_dir: Path, figure_dir: Path) -> Section:
     blocks.append(Details("configuration", flatten(data["config"])))
     summaries = sorted((run_dir / "summary").glob("*/run.json"))
     panels = Panels(run_ids=wandb_ids(*cells, *(p.parent for p in summaries[-1:])),
-                    line_plots=metric_plots(metric_keys(*(c / "metrics.jsonl" for c in cells))),
+                    line_plots=metric_plots(metric_keys(*(c / "metrics.jsonl" for c in cells))) + coupling_plots(
+                        {op: sorted({k for c in couplings.values() for k in c["summary"].get(op, {})})
+                         for op in sorted({op for c in couplings.values() for op in c["summary"]})}),
                     tables=[f"coupling/summary/{n}" for n, v in agg.items() if v] + ["coupling/R"],
                     images=[f"figures/{f.path.stem}" for f in figs if f.path.parent == run_dir])
     return Section(f"SED–LCH coupling: {run_dir.name}", "coupling", run_dir, blocks, panels)
@@ -334,7 +355,8 @@ def coupling_run_section(run_dir: Path, figure_dir: Path) -> Section:
     figs = [figure(run_dir, f"coupling_{op}.png", figure_dir, f"R̄ over training, {op}", trajectory(op)) for op in ops]
     blocks += figs + other_figures(run_dir, figs)
     blocks.append(Details("configuration", flatten(config)))
-    panels = Panels(wandb_ids(run_dir), metric_plots(metric_keys(run_dir / "metrics.jsonl")), ["coupling/R"],
+    panels = Panels(wandb_ids(run_dir), metric_plots(metric_keys(run_dir / "metrics.jsonl"))
+                    + coupling_plots({op: list(coupling["summary"][op]) for op in ops}), ["coupling/R"],
                     [f"figures/coupling_{op}" for op in ops])
     return Section(f"Coupling run: {run_dir.name}", "coupling-run", run_dir, blocks, panels)
 
@@ -542,7 +564,7 @@ def wandb_report(title: str, sections: Sequence[Section], entity: str, project: 
         if not p.run_ids:
             blocks.append(wr.P("No W&B run is recorded in this directory (run.json), so there are no panels."))
             continue
-        panels: list[Any] = [wr.LinePlot(title=t, x="Step", y=list(keys), log_y=log or None) for t, keys, log in p.line_plots]
+        panels: list[Any] = [wr.LinePlot(title=lp.title, x=lp.x, y=list(lp.y), log_y=lp.log_y or None) for lp in p.line_plots]
         panels += [wr.WeavePanelSummaryTable(table_name=t) for t in p.tables]
         if p.images:
             panels.append(wr.MediaBrowser(title="figures", media_keys=list(p.images)))

@@ -184,6 +184,12 @@ class Run:
         if self._wandb is not None:
             self._wandb_call("log", self._wandb.log, dict(data), step)
 
+    def define_metric(self, pattern: str, step_metric: str) -> None:
+        """Plot W&B metrics matching ``pattern`` (e.g. ``"coupling/*"``) against ``step_metric`` instead of the
+        W&B step — for series measured after training at past steps (log them with :meth:`log_wandb`)."""
+        if self._wandb is not None:
+            self._wandb_call("define_metric", self._wandb.define_metric, pattern, step_metric)
+
     def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int | None = None) -> None:
         """Log a W&B Table ``name`` (e.g. ``"coupling/R"``); W&B only — the rows come from the run's local files.
 

@@ -125,6 +125,9 @@ def test_the_wandb_report_object_has_the_sections_panels_and_tables(runs, tmp_pa
     assert {p.table_name for p in panels(grids[1], wr.WeavePanelSummaryTable)} >= {
         "coupling/summary/single", "coupling/summary/window_ablation", "coupling/R"}
     assert [p.table_name for p in panels(grids[2], wr.WeavePanelSummaryTable)] == ["coupling/R"]
+    [r_bar] = [p for p in panels(grids[2], wr.LinePlot) if p.x == "coupling/step"]
+    assert "coupling/add/gradient/leading/R_mean" in r_bar.y and r_bar.log_y
+    assert not any("W=" in y for y in r_bar.y)  # ablation variants are tables, not metrics
     md = r.blocks[3].text
     assert "| op | grok step | paper grok step |" in md  # the same tables as the local report
     assert "coupling/summary" not in md

@@ -209,6 +209,10 @@ def test_coupling_runs_log_every_R_their_figures_bases_and_a_summary_run(tmp_pat
     assert (columns, rows) == tuple(to_jsonable(coupling.coupling_table(local, 1)))
     n_keys = sum(len([k for k in s["ops"]["add"] if k != "random"]) for s in local["snapshots"])
     assert len(rows) == n_keys and columns[:7] == ["op", "seed", "step", "key", "source", "align", "variant"]
+    series = [(r["step"], r["ops"]["add"]["gradient/leading"]["R_mean"]) for r in local["snapshots"]]
+    key = "coupling/add/gradient/leading/R_mean"
+    assert [(row["coupling/step"], row[key]) for row in w.history if key in row] == series  # R̄ over the step
+    assert not any("fd_eps" in k for row in w.history for k in row)  # ablations are in the table only
     [img] = w.images("figures/coupling_add")
     assert img.read_bytes() == (cell / "coupling_add.png").read_bytes()
     [art] = [a for a in w.artifacts if a["type"] == "coupling"]

@@ -114,8 +114,19 @@ def write_outputs(run_dir: Path, out: dict[str, Any], history: Sequence[dict[str
 
 
 def log_run(tracker: Run, out: dict[str, Any], figs: dict[str, Path], seed: int) -> None:
-    """W&B side of one coupling run: the table of every R, the figures, and an artifact with coupling.json, the
-    SED bases at the peaks (sed_bases.pt) and the summary — not the per-snapshot artifacts (large; kept locally)."""
+    """W&B side of one coupling run: R̄ and R_1 of every main key as metrics over ``coupling/step`` (the training
+    step of each measured snapshot), the table of every R (ablations included), the figures, and an artifact with
+    coupling.json, the SED bases at the peaks (sed_bases.pt) and the summary — not the per-snapshot artifacts
+    (large; kept locally)."""
+    tracker.define_metric("coupling/*", "coupling/step")
+    for row in out["snapshots"]:
+        metrics: dict[str, Any] = {"coupling/step": row["step"]}
+        for op, keys in row["ops"].items():
+            for key, res in keys.items():
+                if key != "random" and not split_key(key)[2]:  # ablation variants go to the table only
+                    metrics[f"coupling/{op}/{key}/R_mean"] = res["R_mean"]
+                    metrics[f"coupling/{op}/{key}/R_1"] = res["R"][0]
+        tracker.log_wandb(metrics)
     columns, rows = coupling_table(out, seed)
     tracker.log_table("coupling/R", columns, rows)
     tracker.log_images({f"figures/coupling_{op}": path for op, path in figs.items()})
