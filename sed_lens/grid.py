@@ -7,8 +7,11 @@ skipped by the next :func:`run_grid` over the same root; a cell directory withou
 cleared and run again.
 
 Backends: ``"local"`` runs cells in a pool of ``workers`` processes (default: one per core) or, with
-``workers=1``, in this process; ``"ray"`` sends each cell to a Ray cluster (``pip install "sed-lens[distributed]"``;
-``ray.init()`` starts a local one unless ``ray_address`` names a cluster). Every cell runs with ``threads``
+``workers=1``, in this process; ``"ray"`` sends each cell to a Ray cluster (``pip install "sed-lens[distributed]"``).
+Without ``ray_address`` it starts a local Ray with ``workers × threads`` CPUs and no dashboard, and shuts it down
+after the grid; ``ray_address`` (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``) joins a running cluster. Ray
+workers import the same sed_lens as this process: a source checkout's path is passed to them in
+``runtime_env`` (PYTHONPATH); an installed sed_lens must be installed on every node. Every cell runs with ``threads``
 PyTorch threads (default 1) whatever the backend, so a cell's numbers do not depend on where it ran — CPU
 kernels round differently with different thread counts. On 2 cores, two single-thread workers train about
 1.4× more steps per second than one two-thread process.
@@ -19,7 +22,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
+import socket
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -135,7 +140,7 @@ def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", wo
                dynamic_ncols=True)
     try:
         if backend == "ray":
-            _run_ray(todo, root, ray_address, threads, results, bar)
+            _run_ray(todo, root, ray_address, threads, workers, results, bar)
         elif workers == 1 or len(todo) <= 1:
             for c in todo:
                 summary, err = _execute_safely(c, str(root / c.name), threads)
@@ -155,22 +160,65 @@ def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", wo
     return [results[c.name] for c in cells]
 
 
-def _run_ray(todo: list[Cell], root: Path, address: str | None, threads: int, results: dict[str, CellResult],
-             bar: Any) -> None:
+def _run_ray(todo: list[Cell], root: Path, address: str | None, threads: int, workers: int,
+             results: dict[str, CellResult], bar: Any) -> None:
+    if not todo:
+        return  # every cell is complete: no need to start Ray
     try:
         import ray
     except ImportError:
         raise SedLensError('the ray backend needs Ray: pip install "sed-lens[distributed]".') from None
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    remote = ray.remote(num_cpus=threads)(_execute_safely)
-    pending = {remote.remote(c, str(root / c.name), threads): c for c in todo}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        c = pending.pop(done[0])
-        summary, err = ray.get(done[0])
-        results[c.name] = CellResult(c.name, str(root / c.name), summary, error=err)
-        bar.update(1)
+    started = not ray.is_initialized()
+    if started:
+        if address is not None:
+            check_ray_address(address)
+        try:
+            ray.init(address=address, num_cpus=workers * threads if address is None else None, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False, runtime_env=ray_runtime_env())
+        except Exception as e:  # noqa: BLE001 - Ray raises many types for a cluster it cannot join
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise SedLensError(f"cannot start Ray{f' at {address}' if address else ''} ({type(e).__name__}: {first}).") from None
+    try:
+        remote = ray.remote(num_cpus=threads)(_execute_safely)
+        pending = {remote.remote(c, str(root / c.name), threads): c for c in todo}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            c = pending.pop(done[0])
+            try:
+                summary, err = ray.get(done[0])
+            except Exception as e:  # noqa: BLE001 - a worker that died (killed, out of memory) fails its cell only
+                summary, err = None, f"{type(e).__name__}: {e}"
+            results[c.name] = CellResult(c.name, str(root / c.name), summary, error=err)
+            bar.update(1)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast with one clear error when a ``HOST:PORT`` / ``ray://HOST:PORT`` address does not answer (Ray
+    itself would wait for minutes)."""
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address.strip())
+    if address.strip() == "auto":
+        return
+    check(m is not None, f"--ray-address must be HOST:PORT, ray://HOST:PORT or auto, got {address!r}.")
+    assert m is not None
+    try:
+        socket.create_connection((m[1], int(m[2])), timeout=timeout).close()
+    except OSError as e:
+        raise SedLensError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}).") from None
+
+
+def ray_runtime_env() -> dict[str, Any]:
+    """The Ray ``runtime_env`` that makes workers import this sed_lens: when it is a source checkout (not an
+    installed package), its directory goes first on the workers' PYTHONPATH."""
+    import sed_lens
+
+    src = Path(sed_lens.__file__).resolve().parent.parent
+    if not (src / "pyproject.toml").is_file():
+        return {}
+    paths = [str(src), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(src)]]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
 
 
 def raise_failures(results: Sequence[CellResult]) -> None:

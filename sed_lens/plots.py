@@ -245,3 +245,65 @@ def ablation(xs: Sequence[float], ours: Sequence[float], path: str | Path, xlabe
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def sed_streams(history: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[int]]]:
+    """The SED streams of a run's ``metrics.jsonl`` rows: ``{stream: {"sigma": [j...], "gap": [j...]}}``
+    from the keys ``sed/STREAM/sigma_j`` and ``sed/STREAM/gap_j`` (STREAM may hold slashes: ``task_gradient/add``)."""
+    import re
+
+    found: dict[str, dict[str, set[int]]] = {}
+    for row in history:
+        for key in row:
+            m = re.fullmatch(r"sed/(.+)/(sigma|gap)_(\d+)", key)
+            if m:
+                found.setdefault(m[1], {"sigma": set(), "gap": set()})[m[2]].add(int(m[3]))
+    return {s: {k: sorted(v) for k, v in d.items()} for s, d in sorted(found.items())}
+
+
+def sed_spectra(history: Sequence[Mapping[str, Any]], path: str | Path, title: str = "SED spectra over training") -> Path:
+    """Per SED stream (columns): singular values σ_j (top), gaps σ_j/σ_{j+1} (middle) and, where logged, the
+    overlap of consecutive bases (bottom) against the step, from the ``sed/*`` keys of ``metrics.jsonl`` rows."""
+    from sed_lens.errors import check
+
+    streams = sed_streams(history)
+    check(bool(streams), "these metrics hold no sed/STREAM/sigma_j keys; train with --sed to record SED spectra.")
+    has_overlap = any(f"sed/{s}/overlap" in r for s in streams for r in history)
+    n_rows = 3 if has_overlap else 2
+    fig = Figure(figsize=(max(4.0 * len(streams), 6.0), 2.8 * n_rows + 0.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_rows, len(streams), squeeze=False, sharex=True)
+
+    def line(key: str, log: bool = True) -> tuple[list[int], list[float]]:
+        """(steps, values); missing, infinite and (on a log axis) non-positive values become gaps."""
+        pts = [(r["step"], r[key]) for r in history if key in r]
+        return [s for s, _ in pts], [np.nan if v is None or not np.isfinite(v) or (log and v <= 0) else v for _, v in pts]
+
+    for c, (stream, idx) in enumerate(streams.items()):
+        ax_s, ax_g = axes[0, c], axes[1, c]
+        for j in idx["sigma"]:
+            xs, ys = line(f"sed/{stream}/sigma_{j}")
+            if np.isfinite(ys).any():  # σ_j of a window with fewer than j vectors is 0: nothing to draw
+                ax_s.plot(xs, ys, color=f"C{j - 1}", lw=1.3, label=f"σ{j}")
+        for j in idx["gap"]:
+            xs, ys = line(f"sed/{stream}/gap_{j}")
+            if np.isfinite(ys).any():
+                ax_g.plot(xs, ys, color=f"C{j - 1}", lw=1.3, label=f"σ{j}/σ{j + 1}")
+        ax_s.set_yscale("log")
+        ax_g.set_yscale("log")
+        ax_g.axhline(1.0, color="gray", ls=":", lw=1)
+        ax_s.set_title(f"{stream} SED")
+        for ax in (ax_s, ax_g):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, ncol=2)
+        if has_overlap:
+            ax_o = axes[2, c]
+            ax_o.plot(*line(f"sed/{stream}/overlap", log=False), color="tab:gray", lw=1.3)
+            ax_o.set_ylim(-0.02, 1.02)
+        axes[-1, c].set_xlabel("step")
+    axes[0, 0].set_ylabel("singular value")
+    axes[1, 0].set_ylabel(r"gap $\sigma_j / \sigma_{j+1}$")
+    if has_overlap:
+        axes[2, 0].set_ylabel("overlap with the\nprevious basis (mean cos²)")
+    fig.suptitle(title, fontsize=11)
+    return save_figure(fig, path)

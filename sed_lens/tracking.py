@@ -4,6 +4,10 @@ A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON object per lo
 ``checkpoints/`` and whatever artifacts the experiment writes. W&B mirrors it: mode ``"offline"`` by default
 (nothing leaves the machine; ``wandb sync RUN_DIR/wandb/offline-run-*`` uploads later), ``"online"`` or
 ``"disabled"``. W&B is never essential: a W&B failure is reported once and the run goes on with its local files.
+
+Every W&B call of sed_lens goes through :class:`Run`: metrics (:meth:`Run.log`), the summary, tables
+(:meth:`Run.log_table`), images (:meth:`Run.log_images`) and artifacts (:meth:`Run.log_artifact`). The local
+files stay the source of truth; tables, images and artifacts are W&B views of files the run directory holds.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +146,10 @@ class Run:
             tags=list(tags), config=self.config, id=self.wandb_id, resume="allow" if resume else None,
             reinit="create_new",
         )
+        if self._wandb.id != self.wandb_id:  # a sweep agent (or launch) imposes its own run id
+            self.wandb_id = self._wandb.id
+            meta_path = self.dir / "run.json"
+            write_json(meta_path, {**json.loads(meta_path.read_text()), "wandb_id": self.wandb_id})
 
     def _wandb_call(self, what: str, fn: Any, *args: Any) -> Any:
         """Run a W&B call; on failure warn once, drop W&B and carry on with the local files."""
@@ -174,6 +183,68 @@ class Run:
         """Log W&B-only objects (tables, images) — nothing is written locally."""
         if self._wandb is not None:
             self._wandb_call("log", self._wandb.log, dict(data), step)
+
+    def define_metric(self, pattern: str, step_metric: str) -> None:
+        """Plot W&B metrics matching ``pattern`` (e.g. ``"coupling/*"``) against ``step_metric`` instead of the
+        W&B step — for series measured after training at past steps (log them with :meth:`log_wandb`)."""
+        if self._wandb is not None:
+            self._wandb_call("define_metric", self._wandb.define_metric, pattern, step_metric)
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int | None = None) -> None:
+        """Log a W&B Table ``name`` (e.g. ``"coupling/R"``); W&B only — the rows come from the run's local files.
+
+        Values go through :func:`to_jsonable` (tensors and numpy scalars become numbers, NaN becomes None).
+        """
+        columns = [str(c) for c in columns]
+        data = [to_jsonable(list(r)) for r in rows]
+        bad = [i for i, r in enumerate(data) if len(r) != len(columns)]
+        check(not bad, f"table {name!r}: row {bad[0] if bad else 0} does not have {len(columns)} values (one per column).")
+        if self._wandb is not None:
+            self._wandb_call("table", self._log_table, name, columns, data, step)
+
+    def _log_table(self, name: str, columns: list[Any], data: list[list[Any]], step: int | None) -> None:
+        import wandb
+
+        table = wandb.Table(columns=columns, data=data, allow_mixed_types=True)
+        self._wandb.log({name: table}, step=step)
+
+    def log_images(self, images: Mapping[str, str | Path], step: int | None = None) -> None:
+        """Log PNG files as W&B images, ``{key: path}`` (e.g. ``{"figures/grokking": RUN_DIR / "grokking.png"}``)."""
+        paths = {k: Path(v) for k, v in images.items()}
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        check(not missing, f"cannot log image {missing[0] if missing else ''}: no such file.")
+        if self._wandb is not None and paths:
+            self._wandb_call("images", self._log_images, paths, step)
+
+    def _log_images(self, paths: dict[str, Path], step: int | None) -> None:
+        import wandb
+
+        self._wandb.log({k: wandb.Image(str(p), caption=p.name) for k, p in paths.items()}, step=step)
+
+    def log_artifact(self, name: str, type: str, paths: Sequence[str | Path],
+                     metadata: Mapping[str, Any] | None = None) -> None:
+        """Log files (or directories) as one W&B artifact of ``type``; W&B only — the files stay where they are.
+
+        ``name`` is made W&B-safe: characters other than letters, digits, ``-``, ``_`` and ``.`` become ``-``.
+        """
+        files = [Path(p) for p in paths]
+        missing = [str(p) for p in files if not p.exists()]
+        check(not missing, f"cannot log artifact {name!r}: {missing[0] if missing else ''} does not exist.")
+        check(bool(files), f"artifact {name!r} needs at least one file.")
+        if self._wandb is not None:
+            self._wandb_call("artifact", self._log_artifact, artifact_name(name), type, files,
+                             to_jsonable(dict(metadata or {})))
+
+    def _log_artifact(self, name: str, type: str, files: list[Path], metadata: dict[str, Any]) -> None:
+        import wandb
+
+        art = wandb.Artifact(name, type=type, metadata=metadata)
+        for f in files:
+            if f.is_dir():
+                art.add_dir(str(f), name=f.name)
+            else:
+                art.add_file(str(f), name=f.name)
+        self._wandb.log_artifact(art)
 
     def summary(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json`` (merged with what is there) and the W&B run summary."""
@@ -215,6 +286,12 @@ class Run:
 
     def __exit__(self, *exc: object) -> None:
         self.finish()
+
+
+def artifact_name(text: str) -> str:
+    """``text`` as a valid W&B artifact name (letters, digits, ``-``, ``_``, ``.``; at most 128 characters)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "artifact"
+    return name[:128]
 
 
 def _new_wandb_id() -> str:

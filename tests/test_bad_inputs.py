@@ -18,7 +18,7 @@ from sed_lens.models import build_model, set_readout
 from sed_lens.subspace import ParamSubspace
 from sed_lens.tasks import ModularArithmetic, register_op
 from sed_lens.tracking import Run
-from sed_lens.training import Trainer, TrainConfig
+from sed_lens.training import TrainConfig, Trainer
 
 MAINS = {"grokking": grokking.main, "coupling": coupling_exp.main, "intervention": intervention.main,
          "reproduce": reproduce.main}

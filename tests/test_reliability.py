@@ -18,7 +18,7 @@ from sed_lens.errors import SedLensError
 from sed_lens.experiments import grokking
 from sed_lens.models import build_model
 from sed_lens.tracking import Run, read_jsonl
-from sed_lens.training import Trainer, TrainConfig
+from sed_lens.training import TrainConfig, Trainer
 
 FLAGS = ["--p", "11", "--steps", "120", "--eval-every", "10", "--checkpoint-every", "20", "--sed", "update,gradient",
          "--sed-every", "5", "--sed-window", "4", "--wandb-mode", "disabled", "--no-progress"]

@@ -39,6 +39,7 @@ from sed_lens.subspace import ParamSubspace
 from sed_lens.tasks import ModularArithmetic
 
 ARTIFACT_FORMAT = "sed_lens.coupling_snapshot/1"
+BASES_FORMAT = "sed_lens.coupling_bases/1"
 
 
 @dataclass
@@ -107,11 +108,14 @@ def stream_entry_index(stream: str, snapshot: int, align: str) -> int | None:
 
 def scan_coupling(model: HookedTransformer, task: ModularArithmetic, snapshots: Iterable[tuple[int, dict[str, Tensor]]],
                   cfg: ScanConfig | None = None, subspace: ParamSubspace | None = None,
-                  artifacts: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                  artifacts: str | Path | None = None, progress: bool = True,
+                  bases_out: dict[str, dict[int, Tensor]] | None = None) -> dict[str, Any]:
     """Measure SED–LCH coupling along a run (see the module docstring); returns a JSON-able dict.
 
     ``snapshots``: ``(step, state_dict)`` pairs in training order (e.g. a :class:`~sed_lens.hooks.snapshots.SnapshotStore`).
     ``artifacts``: a directory for one ``snapshot_XXXXXX.pt`` per measured snapshot (format in docs/coupling.md).
+    ``bases_out``: a dict to fill with the measured SED directions, ``{key: {step: [k, P] float32}}`` (see
+    :func:`save_bases`).
     """
     cfg = cfg or ScanConfig()
     cfg.validate(len(task.ops))
@@ -144,6 +148,8 @@ def scan_coupling(model: HookedTransformer, task: ModularArithmetic, snapshots: 
         for align in cfg.aligns:
             by_entry = sed_over_sequence(streams["gradient"], measured, w, 1, align)
             bases[f"gradient/{align}/W={w}"] = {t: by_entry[t] for t in measured}
+    if bases_out is not None:
+        bases_out.update({k: {steps[t]: b.directions.float() for t, b in by_t.items()} for k, by_t in bases.items()})
     # 4. responses
     probes = task.probes(min(cfg.n_probes, len(task.pairs)), cfg.probe_seed)
     art_dir = Path(artifacts) if artifacts is not None else None
@@ -227,6 +233,29 @@ def save_artifact(directory: Path, model: HookedTransformer, subspace: ParamSubs
         "eps": eps, "eps_rel": cfg.eps_rel, "method": cfg.method, "site": cfg.site, "readout": cfg.readout,
         "results": row,
     }, path)
+    return path
+
+
+def save_bases(path: str | Path, bases: dict[str, dict[int, Tensor]], summary: dict[str, Any],
+               subspace: ParamSubspace, cfg: ScanConfig) -> Path:
+    """Save the SED bases of a scan at each main key's peak and final snapshot (``bases`` from
+    :func:`scan_coupling`'s ``bases_out``; ablation keys are left out): a few MB instead of every snapshot.
+
+    Format ``sed_lens.coupling_bases/1``: ``bases`` ``{key: {step: [k, P] float32}}``, ``selected``
+    ``{op: {key: {"peak": step, "final": step}}}``, ``subspace`` (layout in vector order), ``window``, ``k``.
+    """
+    selected: dict[str, dict[str, dict[str, int]]] = {}
+    keep: dict[str, dict[int, Tensor]] = {}
+    for op, keys in summary.items():
+        for key, s in keys.items():
+            if key not in bases or "/W=" in key:  # finite-difference ablations reuse the main directions
+                continue
+            selected.setdefault(op, {})[key] = {"peak": s["peak_step"], "final": s["final_step"]}
+            for step in (s["peak_step"], s["final_step"]):
+                keep.setdefault(key, {})[step] = bases[key][step]
+    path = Path(path)
+    torch.save({"format": BASES_FORMAT, "window": cfg.window, "k": cfg.k, "subspace": subspace.describe(),
+                "subspace_dim": subspace.dim, "selected": selected, "bases": keep}, path)
     return path
 
 

@@ -7,6 +7,10 @@ the shared-encoder model with four heads, aggregated update and gradient SED vs 
 snapshots. ``--window-ablation`` (W ∈ {1, 2, 5, 10, 20, 40}) and ``--eps-ablation`` (finite differences at
 ε_rel ∈ {0.001, 0.005, 0.05}, JVP as the ε → 0 limit) on add, seed 42. Every run is a run directory under
 OUT/cells (rerunning skips finished runs); OUT gets coupling.json, coupling.md (ours beside the paper's) and plots.
+``--no-aggregate`` only runs the cells (one ``wandb agent`` job per cell, see experiments/sweeps/); a later run
+with the same flags and OUT skips them and aggregates. W&B: each run logs a table of every R (``coupling/R``), its
+figures and an artifact (coupling.json, the SED bases at the peaks, summary); the aggregate is a small run of job
+type ``coupling-summary`` (local directory OUT/summary/) with the summary tables, figures and an artifact.
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ from typing import Any
 import numpy as np
 
 from sed_lens import plots
-from sed_lens.analysis.trajectory import ScanConfig, scan_coupling
+from sed_lens.analysis.trajectory import ScanConfig, save_bases, scan_coupling
 from sed_lens.cli import config_from_args, config_from_dict, parser_for, run_cli
 from sed_lens.errors import check
 from sed_lens.experiments.grokking import GrokkingConfig, build, open_run, train
 from sed_lens.grid import BACKENDS, Cell, raise_failures, run_grid
 from sed_lens.hooks.snapshots import SnapshotStore
 from sed_lens.models import INITS, PRESETS
+from sed_lens.subspace import ParamSubspace
 from sed_lens.tasks import available_ops
-from sed_lens.tracking import WANDB_MODES, read_jsonl, write_json
+from sed_lens.tracking import WANDB_MODES, Run, default_run_dir, read_jsonl, write_json
 from sed_lens.training import TrainConfig
 
 WINDOWS = (1, 2, 5, 10, 20, 40)
@@ -70,6 +75,9 @@ class CouplingConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
     artifacts: bool = field(default=True, metadata={"help": "save per measured snapshot what recomputes its R values"})
+    aggregate: bool = field(default=True, metadata={
+        "help": "after the runs, write the tables, figures and W&B summary run to OUT (--no-aggregate: only run "
+                "the cells, e.g. one per wandb agent job; a later run with the same flags aggregates)"})
     out: str = field(default="runs/coupling", metadata={"help": "output directory (rerunning skips finished runs)"})
     from_run: str | None = field(default=None, metadata={
         "help": "analyse an existing grokking run directory saved with --snapshot-every instead of training"})
@@ -89,18 +97,89 @@ def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     store = SnapshotStore(config["every"])
     with open_run(gcfg, {"experiment": "coupling", **config}, job_type="coupling") as tracker:
         result, task, model = train(gcfg, tracker, [store])
-        out = scan_coupling(model, task, store, scan, artifacts=Path(run_dir) / "artifacts" if config["artifacts"] else None,
-                            progress=False)
-        write_outputs(tracker.dir, out, result.history, task.ops)
+        subspace = ParamSubspace.attention(model)
+        bases: dict[str, Any] = {}
+        out = scan_coupling(model, task, store, scan, subspace=subspace, progress=False, bases_out=bases,
+                            artifacts=Path(run_dir) / "artifacts" if config["artifacts"] else None)
+        figs = write_outputs(tracker.dir, out, result.history, task.ops)
+        save_bases(tracker.dir / "sed_bases.pt", bases, out["summary"], subspace, scan)
         tracker.summary({"coupling": out["summary"]})
+        log_run(tracker, out, figs, gcfg.seed)
     return {"train": result.summary(), "coupling": out["summary"], "measured": out["measured"]}
 
 
-def write_outputs(run_dir: Path, out: dict[str, Any], history: Sequence[dict[str, Any]], ops: Sequence[str]) -> None:
+def write_outputs(run_dir: Path, out: dict[str, Any], history: Sequence[dict[str, Any]], ops: Sequence[str]) -> dict[str, Path]:
+    """``coupling.json`` and one ``coupling_OP.png`` per op; returns the figures by op."""
     write_json(run_dir / "coupling.json", out)
-    for op in ops:
-        plots.coupling_trajectory(out, history, op, run_dir / f"coupling_{op}.png",
-                                  title=f"SED–LCH coupling, {op} ({run_dir.name})")
+    return {op: plots.coupling_trajectory(out, history, op, run_dir / f"coupling_{op}.png",
+                                          title=f"SED–LCH coupling, {op} ({run_dir.name})") for op in ops}
+
+
+def log_run(tracker: Run, out: dict[str, Any], figs: dict[str, Path], seed: int) -> None:
+    """W&B side of one coupling run: R̄ and R_1 of every main key as metrics over ``coupling/step`` (the training
+    step of each measured snapshot), the table of every R (ablations included), the figures, and an artifact with
+    coupling.json, the SED bases at the peaks (sed_bases.pt) and the summary — not the per-snapshot artifacts
+    (large; kept locally)."""
+    tracker.define_metric("coupling/*", "coupling/step")
+    for row in out["snapshots"]:
+        metrics: dict[str, Any] = {"coupling/step": row["step"]}
+        for op, keys in row["ops"].items():
+            for key, res in keys.items():
+                if key != "random" and not split_key(key)[2]:  # ablation variants go to the table only
+                    metrics[f"coupling/{op}/{key}/R_mean"] = res["R_mean"]
+                    metrics[f"coupling/{op}/{key}/R_1"] = res["R"][0]
+        tracker.log_wandb(metrics)
+    columns, rows = coupling_table(out, seed)
+    tracker.log_table("coupling/R", columns, rows)
+    tracker.log_images({f"figures/coupling_{op}": path for op, path in figs.items()})
+    files = [tracker.dir / f for f in ("coupling.json", "sed_bases.pt", "summary.json", "config.json")]
+    tracker.log_artifact(f"coupling-{tracker.dir.name}-{tracker.wandb_id}", "coupling", [f for f in files if f.is_file()],
+                         {"measured": out["measured"], "summary": out["summary"]})
+
+
+def split_key(key: str) -> tuple[str, str, str]:
+    """``"task_gradient/add/leading/W=5"`` → (``"task_gradient/add"``, ``"leading"``, ``"W=5"``)."""
+    parts = key.split("/")
+    n = 2 if parts[0] == "task_gradient" else 1
+    return "/".join(parts[:n]), parts[n] if len(parts) > n else "", "/".join(parts[n + 1:])
+
+
+def coupling_table(coupling: dict[str, Any], seed: int) -> tuple[list[str], list[list[Any]]]:
+    """Every R of one run's ``coupling.json`` as table rows, one per (snapshot, op, key): op, seed, step, key,
+    source, align, variant (ablation), R_1..R_k (None where a key has fewer directions), R̄ and the median
+    random response."""
+    k = max((len(res["R"]) for row in coupling["snapshots"] for keys in row["ops"].values()
+             for key, res in keys.items() if key != "random"), default=0)
+    columns = ["op", "seed", "step", "key", "source", "align", "variant", *[f"R_{j + 1}" for j in range(k)],
+               "R_mean", "A_random_median"]
+    rows: list[list[Any]] = []
+    for row in coupling["snapshots"]:
+        for op, keys in row["ops"].items():
+            for key, res in keys.items():
+                if key == "random":
+                    continue
+                R = list(res["R"]) + [None] * (k - len(res["R"]))
+                rows.append([op, seed, row["step"], key, *split_key(key), *R, res["R_mean"], keys["random"]["median"]])
+    return columns, rows
+
+
+def paper_for(op: str, key: str, seed: int | None, multitask: bool) -> str:
+    """The paper's number for a key of one run's coupling summary (what it measures, and its value), or "—"."""
+    if "/W=" in key and key.startswith("gradient/leading"):
+        w = int(key.rsplit("=", 1)[1])
+        return f"peak R₁ {PAPER['window'][w]}" if w in PAPER["window"] else "—"
+    if "fd_eps=" in key:
+        e = float(key.rsplit("=", 1)[1])
+        return f"peak R₁ {PAPER['eps'][e]}" if e in PAPER["eps"] else "—"
+    if multitask:
+        if key == f"task_gradient/{op}/leading" and op in PAPER["multitask_per_op"]:
+            return f"peak R̄ {PAPER['multitask_per_op'][op]}"
+        return f"peak R̄ {PAPER['multitask_update']}" if key == "update/leading" else "—"
+    if key == "gradient/leading":
+        if op == "mul" and seed in PAPER["single_gradient_mul"]:
+            return f"peak R̄ {PAPER['single_gradient_mul'][seed]}"
+        return "peak R̄ 100–330 (range over 4 ops × 3 seeds)"
+    return "R̄ ≈3–9 (add highest)" if key == "update/leading" else "—"
 
 
 def analyse_existing(cfg: CouplingConfig) -> dict[str, Any]:
@@ -254,34 +333,88 @@ def tables(cfg: CouplingConfig, results: dict[str, dict[str, Any]]) -> tuple[str
     return "\n".join(lines), agg
 
 
-def figures(cfg: CouplingConfig, out: Path, couplings: dict[str, dict[str, Any]], agg: dict[str, Any]) -> list[Path]:
+def figures(cfg: CouplingConfig, out: Path, couplings: dict[str, dict[str, Any]], agg: dict[str, Any],
+            reuse: Path | None = None) -> list[Path]:
+    """The aggregate figures, drawn into ``out``; with ``reuse``, a figure that directory already holds is
+    returned as it is instead of being drawn again (the report regenerates only what a directory lacks)."""
     figs: list[Path] = []
+
+    def draw(name: str, make: Any) -> None:
+        kept = reuse / name if reuse is not None else None
+        figs.append(kept if kept is not None and kept.is_file() else make(out / name))
+
     single = {k: v for k, v in couplings.items() if not k.startswith("multitask")}
     if single:
         panels: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         for name, c in single.items():
             panels.setdefault(name.rsplit("-s", 1)[0], []).append((name, c))
-        figs.append(plots.coupling_panels(panels, out / "coupling_single.png",
-                                          ["update/leading", "gradient/leading", "gradient/trailing"],
-                                          "Single task: R̄ of update vs gradient SED (seeds overlaid)"))
+        draw("coupling_single.png", lambda path: plots.coupling_panels(
+            panels, path, ["update/leading", "gradient/leading", "gradient/trailing"],
+            "Single task: R̄ of update vs gradient SED (seeds overlaid)"))
     for name, c in couplings.items():
         if name.startswith("multitask"):
-            panels = {op: [(name, c)] for op in c["summary"]}
-            figs.append(plots.coupling_panels(panels, out / f"coupling_{name}.png",
-                                              ["update/leading", "gradient/leading", "task_gradient/{op}/leading"],
-                                              f"Multitask ({name}): aggregated vs per-op SED"))
+            mt_panels = {op: [(name, c)] for op in c["summary"]}
+            draw(f"coupling_{name}.png", lambda path, mt_panels=mt_panels, name=name: plots.coupling_panels(
+                mt_panels, path, ["update/leading", "gradient/leading", "task_gradient/{op}/leading"],
+                f"Multitask ({name}): aggregated vs per-op SED"))
     if agg["window_ablation"]:
         ws = sorted(agg["window_ablation"])
-        figs.append(plots.ablation(ws, [agg["window_ablation"][w]["leading"] for w in ws], out / "window_ablation.png",
-                                   "window W (snapshots)", "Window ablation: peak R₁ of gradient SED",
-                                   paper={float(k): v for k, v in PAPER["window"].items()}))
+        draw("window_ablation.png", lambda path: plots.ablation(
+            ws, [agg["window_ablation"][w]["leading"] for w in ws], path, "window W (snapshots)",
+            "Window ablation: peak R₁ of gradient SED", paper={float(k): v for k, v in PAPER["window"].items()}))
     if agg["eps_ablation"]:
         es = [e for e in EPSILONS if e in agg["eps_ablation"]]
         jv = agg["eps_ablation"].get("jvp")
-        figs.append(plots.ablation(es, [agg["eps_ablation"][e] for e in es], out / "eps_ablation.png", "ε_rel",
-                                   "ε ablation: finite differences vs exact JVP", paper=PAPER["eps"],
-                                   reference=("exact JVP (ε → 0)", jv) if jv is not None else None))
+        draw("eps_ablation.png", lambda path: plots.ablation(
+            es, [agg["eps_ablation"][e] for e in es], path, "ε_rel", "ε ablation: finite differences vs exact JVP",
+            paper=PAPER["eps"], reference=("exact JVP (ε → 0)", jv) if jv is not None else None))
     return figs
+
+
+def aggregate_tables(agg: dict[str, Any]) -> dict[str, tuple[list[str], list[list[Any]]]]:
+    """The aggregate numbers of :func:`tables` as W&B tables (ours beside the paper's), by name; empty ones left out."""
+    out: dict[str, tuple[list[str], list[list[Any]]]] = {}
+    if agg["single"]:
+        rows = []
+        for name, a in agg["single"].items():
+            op, seed = name.rsplit("-s", 1)
+            paper = PAPER["single_gradient_mul"].get(int(seed)) if op == "mul" else None
+            rows.append([name, op, int(seed), a["update_peak"], a["update_mean"], a["gradient_peak"],
+                         a["gradient_peak_trailing"], a["ratio"], str(paper) if paper is not None else "100–330"])
+        out["single"] = (["run", "op", "seed", "update_peak_R_mean", "update_mean_R_mean", "gradient_peak_R_mean",
+                          "gradient_peak_R_mean_trailing", "gradient_over_update", "paper_gradient_peak"], rows)
+    if agg["multitask"]:
+        out["multitask"] = (["seed", "op", "update_peak_R_mean", "gradient_peak_R_mean", "per_op_gradient_peak_R_mean",
+                             "paper_per_op_peak"],
+                            [[r["seed"], op, r["update_peak"], r["gradient_peak"], r["per_op_peak"],
+                              PAPER["multitask_per_op"].get(op)] for op, rs in agg["multitask"].items() for r in rs])
+    if agg["window_ablation"]:
+        out["window_ablation"] = (["W", "peak_R1_leading", "peak_R1_trailing", "paper"],
+                                  [[int(w), a["leading"], a["trailing"], PAPER["window"].get(int(w))]
+                                   for w, a in agg["window_ablation"].items()])
+    if agg["eps_ablation"]:
+        out["eps_ablation"] = (["eps_rel", "peak_R1", "paper"],
+                               [["→ 0 (exact JVP)" if e == "jvp" else f"{float(e):g}", v,
+                                 None if e == "jvp" else PAPER["eps"].get(float(e))] for e, v in agg["eps_ablation"].items()])
+    return out
+
+
+def log_summary_run(cfg: CouplingConfig, out: Path, agg: dict[str, Any], figs: Sequence[Path],
+                    runs: Sequence[str]) -> Run | None:
+    """The aggregate's own small W&B run (job type ``coupling-summary``, local directory OUT/summary/coupling-TIME):
+    the summary tables, the figures, and coupling.json + coupling.md as an artifact. None when W&B is disabled."""
+    if cfg.wandb_mode == "disabled":
+        return None
+    with Run(default_run_dir("summary", "coupling", root=out), {"experiment": "coupling-summary", **asdict(cfg)},
+             wandb_mode=cfg.wandb_mode, project=cfg.wandb_project, name=f"coupling-summary-{out.resolve().name}",
+             job_type="coupling-summary") as run:
+        for name, (columns, rows) in aggregate_tables(agg).items():
+            run.log_table(f"coupling/summary/{name}", columns, rows)
+        run.log_images({f"figures/{f.stem}": f for f in figs})
+        run.log_artifact(f"coupling-summary-{run.wandb_id}", "coupling-summary",
+                         [out / "coupling.json", out / "coupling.md"], {"runs": sorted(runs)})
+        run.summary({"runs": sorted(runs)})
+    return run
 
 
 def validate(cfg: CouplingConfig) -> None:
@@ -302,6 +435,9 @@ def run(cfg: CouplingConfig) -> dict[str, Any]:
     results = run_grid(grid, out / "cells", backend=cfg.backend, workers=cfg.workers, ray_address=cfg.ray_address,
                        progress=cfg.progress, desc="coupling runs")
     raise_failures(results)
+    if not cfg.aggregate:
+        return {"config": asdict(cfg), "runs": {r.name: r.summary for r in results}, "aggregated": False,
+                "skipped": sum(r.skipped for r in results)}
     done = {r.name: r.summary for r in results if r.summary is not None}
     couplings = {r.name: json.loads((Path(r.run_dir) / "coupling.json").read_text()) for r in results}
     md, agg = tables(cfg, done)  # type: ignore[arg-type]
@@ -309,8 +445,11 @@ def run(cfg: CouplingConfig) -> dict[str, Any]:
     md += "\n## Figures\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figs) + "\n"
     (out / "coupling.md").write_text(md)
     result = {"config": asdict(cfg), "runs": done, "aggregate": agg, "figures": [str(f) for f in figs],
-              "table": str(out / "coupling.md"), "skipped": sum(r.skipped for r in results)}
+              "table": str(out / "coupling.md"), "skipped": sum(r.skipped for r in results), "aggregated": True}
     write_json(out / "coupling.json", result)
+    summary_run = log_summary_run(cfg, out, agg, figs, list(done))
+    result["summary_run"] = str(summary_run.dir) if summary_run is not None else None
+    result["sync_hint"] = summary_run.sync_hint() if summary_run is not None else None
     return result
 
 
@@ -322,10 +461,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         analyse_existing(cfg)
         return
     result = run(cfg)
-    print(Path(result["table"]).read_text())
     out = Path(cfg.out)
-    print(f"results: {out / 'coupling.md'}, {out / 'coupling.json'}; runs in {out / 'cells'}"
-          + (f" ({result['skipped']} already finished)" if result["skipped"] else ""))
+    done = f" ({result['skipped']} already finished)" if result["skipped"] else ""
+    if not result["aggregated"]:
+        print(f"{len(result['runs'])} runs complete in {out / 'cells'}{done} (not aggregated: --no-aggregate)")
+        return
+    print(Path(result["table"]).read_text())
+    print(f"results: {out / 'coupling.md'}, {out / 'coupling.json'}; runs in {out / 'cells'}{done}")
+    if result["summary_run"] is not None:
+        hint = result["sync_hint"]
+        print(f"W&B summary run: {result['summary_run']}"
+              + (f" (upload: {hint}; each run: wandb sync {out / 'cells'}/*/wandb/offline-run-*)" if hint else ""))
 
 
 def cli() -> None:

@@ -2,6 +2,9 @@
 
 With no flags: preset xu2026, op add, p 97, seed 42, the paper's protocol, W&B offline. ``--ops add,sub,mul,sq``
 trains one shared encoder with a head per op. Prints the grok step, final accuracies, wall time and run dir.
+The run directory gets grokking.png (accuracy curves, grok step marked) and, with ``--sed``, sed_spectra.png
+(singular values, gaps and basis overlap over training); W&B gets them as images and the run's config,
+summary and SED bases as an artifact.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from sed_lens import plots
 from sed_lens.cli import config_from_args, config_from_dict, csv, parser_for, run_cli
 from sed_lens.errors import SedLensError, check
 from sed_lens.hooks.capture import GradientCapture
@@ -21,6 +25,10 @@ from sed_lens.models import INITS, PRESETS, build_model, get_preset, model_spec
 from sed_lens.tasks import ModularArithmetic
 from sed_lens.tracking import WANDB_MODES, Run, default_run_dir
 from sed_lens.training import Callback, TrainConfig, Trainer, TrainResult
+
+# The paper's grok step of a plain (control) run: mean over seeds 42, 137, 2024 with the PyTorch-default init
+# (Xu 2026, intervention table, condition A). Comparable only on the paper's setup, see :func:`matches_paper`.
+PAPER: dict[str, Any] = {"grok_step": {"add": 3358}}
 
 
 @dataclass
@@ -58,6 +66,17 @@ class GrokkingConfig:
     @property
     def name(self) -> str:
         return f"{'+'.join(self.ops)}-p{self.p}-s{self.seed}"
+
+
+def matches_paper(cfg: GrokkingConfig) -> bool:
+    """Whether ``cfg`` is the paper's setup (model, init, p, split and optimizer protocol), so its grok step
+    compares with :data:`PAPER`."""
+    paper, t = TrainConfig(), cfg.train
+    same_train = all(getattr(t, f) == getattr(paper, f) for f in (
+        "batch_size", "lr", "weight_decay", "beta1", "beta2", "grad_clip", "eval_every", "grok_acc"))
+    init = cfg.init or get_preset(cfg.preset).default_init
+    return (cfg.preset == "xu2026" and init == "torch" and cfg.p == 97 and cfg.train_frac == 0.5
+            and len(cfg.ops) == 1 and same_train)
 
 
 def build(cfg: GrokkingConfig) -> tuple[ModularArithmetic, Any]:
@@ -114,6 +133,7 @@ def run(cfg: GrokkingConfig, callbacks: Sequence[Callback] = (), resume: bool = 
     capture_callbacks(cfg)  # validate the SED flags before creating the run directory
     with open_run(cfg, resume=resume) as tracker:
         result, _, _ = train(cfg, tracker, callbacks, resume=resume)
+        finish_run(cfg, result, tracker)
     return result, tracker
 
 
@@ -139,6 +159,22 @@ def resume(run_dir: str | Path, progress: bool = True) -> tuple[GrokkingConfig, 
     return cfg, result, tracker
 
 
+def finish_run(cfg: GrokkingConfig, result: TrainResult, tracker: Run) -> list[Path]:
+    """The end of a run: its figures in the run directory (grokking curves; SED spectra when ``--sed`` recorded
+    any), logged to W&B as images, and its config, summary and SED bases as a W&B artifact."""
+    figs = {"figures/grokking": plots.grokking_curves(result.history, cfg.ops, tracker.dir / "grokking.png",
+                                                      result.grok_step, title=f"Grokking {cfg.name}")}
+    if cfg.sed and plots.sed_streams(result.history):
+        figs["figures/sed_spectra"] = plots.sed_spectra(result.history, tracker.dir / "sed_spectra.png",
+                                                        title=f"SED spectra over training ({cfg.name})")
+    tracker.log_images(figs)
+    files = [tracker.dir / f for f in ("config.json", "summary.json", "model.json", "sed_bases.pt")
+             if (tracker.dir / f).is_file()]
+    tracker.log_artifact(f"grokking-{cfg.name}-{tracker.wandb_id}", "grokking-run", files,
+                         {"grok_step": result.grok_step, "final": result.final, "steps": result.steps})
+    return list(figs.values())
+
+
 def grid_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Grid target (:mod:`sed_lens.grid`): one grokking run of ``config`` (a ``GrokkingConfig`` dict) in ``run_dir``."""
     cfg = config_from_dict(GrokkingConfig, {**config, "run_dir": run_dir, "progress": False})
@@ -158,7 +194,8 @@ def report(cfg: GrokkingConfig, result: TrainResult, tracker: Run) -> str:
     if cfg.sed:
         lines.append(f"  SED ({', '.join(cfg.sed)}, W={cfg.sed_window}, k={cfg.sed_k}, every {cfg.sed_every} steps): "
                      f"spectra in metrics.jsonl, final bases in {tracker.dir / 'sed_bases.pt'}")
-    lines.append(f"  run directory: {tracker.dir}")
+    figs = [f for f in ("grokking.png", "sed_spectra.png") if (tracker.dir / f).is_file()]
+    lines.append(f"  run directory: {tracker.dir} (figures: {', '.join(figs) or 'none'})")
     hint = tracker.sync_hint()
     if hint:
         lines.append(f"  upload to W&B: {hint}")
