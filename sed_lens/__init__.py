@@ -10,6 +10,7 @@ from sed_lens.analysis.trajectory import ScanConfig, scan_coupling
 from sed_lens.errors import SedLensError
 from sed_lens.grid import Cell, run_grid
 from sed_lens.hooks.capture import GradientCapture, capture_task_gradients
+from sed_lens.hooks.interventions import SubspaceProjection
 from sed_lens.hooks.snapshots import SnapshotStore
 from sed_lens.models import PRESETS, Readout, build_model, get_readout, set_readout, task_logits
 from sed_lens.subspace import ParamSubspace
@@ -26,6 +27,7 @@ __all__ = [
     "CouplingResult",
     "ScanConfig",
     "SnapshotStore",
+    "SubspaceProjection",
     "centroid_response",
     "centroids",
     "coupling",

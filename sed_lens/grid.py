@@ -40,6 +40,22 @@ from sed_lens.tracking import to_jsonable, write_json
 
 BACKENDS = ("local", "ray")
 MARKER = "cell.json"
+TRACKING_KEYS = frozenset({"wandb_mode", "wandb_project", "progress"})
+"""Config keys that change where a run is logged, not what it computes: ignored when matching finished cells."""
+
+
+def comparable(config: Any) -> Any:
+    """``config`` as JSON without the tracking-only keys (at any depth), for deciding whether a cell is done."""
+    if isinstance(config, dict):
+        return {k: comparable(v) for k, v in config.items() if k not in TRACKING_KEYS}
+    if isinstance(config, list):
+        return [comparable(v) for v in config]
+    return config
+
+
+def same_config(a: Any, b: Any) -> bool:
+    """Whether two cell configs compute the same run (tracking-only keys aside)."""
+    return bool(comparable(to_jsonable(a)) == comparable(to_jsonable(b)))
 
 
 @dataclass(frozen=True)
@@ -132,7 +148,7 @@ def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", wo
     for c in cells:
         run_dir = root / c.name
         done = load_cell(run_dir) if is_complete(run_dir) else None
-        if done is not None and done.get("config") == to_jsonable(c.config):
+        if done is not None and same_config(done.get("config"), c.config):
             results[c.name] = CellResult(c.name, str(run_dir), done["summary"], skipped=True)
         else:
             todo.append(c)  # never run, interrupted, or run with another config

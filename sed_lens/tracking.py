@@ -288,6 +288,27 @@ class Run:
         self.finish()
 
 
+def log_summary_run(root: str | Path, name: str, config: Mapping[str, Any], *, wandb_mode: str, project: str,
+                    job_type: str, tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[Any]]]] = (),  # type: ignore[assignment]
+                    images: Mapping[str, str | Path] = (), files: Sequence[str | Path] = (),  # type: ignore[assignment]
+                    summary: Mapping[str, Any] | None = None) -> Run | None:
+    """An experiment's aggregate as its own small W&B run (local directory ROOT/summary/NAME-TIME): ``tables``
+    ``{key: (columns, rows)}``, ``images`` ``{key: png}``, and ``files`` as one artifact. None when W&B is disabled."""
+    if wandb_mode == "disabled":
+        return None
+    with Run(default_run_dir("summary", name, root=root), {"experiment": job_type, **dict(config)},
+             wandb_mode=wandb_mode, project=project, name=f"{name}-{Path(root).resolve().name}", job_type=job_type) as run:
+        for key, (columns, rows) in dict(tables).items():
+            run.log_table(key, columns, rows)
+        run.log_images(dict(images))
+        existing = [f for f in files if Path(f).exists()]
+        if existing:
+            run.log_artifact(f"{name}-{run.wandb_id}", job_type, existing, dict(summary or {}))
+        if summary:
+            run.summary(summary)
+    return run
+
+
 def artifact_name(text: str) -> str:
     """``text`` as a valid W&B artifact name (letters, digits, ``-``, ``_``, ``.``; at most 128 characters)."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "artifact"

@@ -27,6 +27,8 @@ def test_local_grid_runs_cells_skips_complete_ones_and_reruns_interrupted(tmp_pa
     assert second[1].summary["final"] == first[1].summary["final"]  # deterministic rerun
     changed = run_grid([cell("s0", 0, p=11)], tmp_path, workers=1, progress=False)
     assert not changed[0].skipped  # same name, another config: run again
+    relogged = run_grid([cell("s0", 0, p=11, wandb_mode="offline")], tmp_path, workers=1, progress=False)
+    assert relogged[0].skipped  # only where it logs changed: the run is the same
 
 
 def test_process_pool_gives_the_same_results_as_in_process(tmp_path):

@@ -57,8 +57,9 @@ class ScanConfig:
     probe_seed: int = field(default=0, metadata={"help": "seed of the probe set"})
     n_random: int = field(default=20, metadata={"help": "random directions per snapshot (redrawn at each)"})
     random_seed: int = field(default=1, metadata={"help": "seed of the random directions"})
-    method: str = field(default="jvp", metadata={
-        "help": "centroid response: jvp or hvp (exact) or fd (the paper's finite difference)", "choices": ("jvp", "hvp", "fd")})
+    method: str = field(default="hvp", metadata={
+        "help": "centroid response: hvp or jvp (exact, same value; hvp is the faster here) or fd (the paper's finite "
+                "difference)", "choices": ("hvp", "jvp", "fd")})
     eps_rel: float = field(default=0.005, metadata={"help": "finite-difference ε relative to the subspace's weight norm"})
     site: str = field(default=DEFAULT_SITE, metadata={"help": "centroid site (TransformerLens hook name)"})
     readout: str = field(default="correct_logit", metadata={"help": "centroid readout", "choices": ("correct_logit", "logit_sum")})

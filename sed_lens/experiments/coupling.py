@@ -34,7 +34,8 @@ from sed_lens.hooks.snapshots import SnapshotStore
 from sed_lens.models import INITS, PRESETS
 from sed_lens.subspace import ParamSubspace
 from sed_lens.tasks import available_ops
-from sed_lens.tracking import WANDB_MODES, Run, default_run_dir, read_jsonl, write_json
+from sed_lens.tracking import WANDB_MODES, Run, read_jsonl, write_json
+from sed_lens.tracking import log_summary_run as tracking_summary_run
 from sed_lens.training import TrainConfig
 
 WINDOWS = (1, 2, 5, 10, 20, 40)
@@ -403,18 +404,11 @@ def log_summary_run(cfg: CouplingConfig, out: Path, agg: dict[str, Any], figs: S
                     runs: Sequence[str]) -> Run | None:
     """The aggregate's own small W&B run (job type ``coupling-summary``, local directory OUT/summary/coupling-TIME):
     the summary tables, the figures, and coupling.json + coupling.md as an artifact. None when W&B is disabled."""
-    if cfg.wandb_mode == "disabled":
-        return None
-    with Run(default_run_dir("summary", "coupling", root=out), {"experiment": "coupling-summary", **asdict(cfg)},
-             wandb_mode=cfg.wandb_mode, project=cfg.wandb_project, name=f"coupling-summary-{out.resolve().name}",
-             job_type="coupling-summary") as run:
-        for name, (columns, rows) in aggregate_tables(agg).items():
-            run.log_table(f"coupling/summary/{name}", columns, rows)
-        run.log_images({f"figures/{f.stem}": f for f in figs})
-        run.log_artifact(f"coupling-summary-{run.wandb_id}", "coupling-summary",
-                         [out / "coupling.json", out / "coupling.md"], {"runs": sorted(runs)})
-        run.summary({"runs": sorted(runs)})
-    return run
+    tables = {f"coupling/summary/{name}": t for name, t in aggregate_tables(agg).items()}
+    return tracking_summary_run(out, "coupling-summary", asdict(cfg), wandb_mode=cfg.wandb_mode,
+                                project=cfg.wandb_project, job_type="coupling-summary", tables=tables,
+                                images={f"figures/{f.stem}": f for f in figs},
+                                files=[out / "coupling.json", out / "coupling.md"], summary={"runs": sorted(runs)})
 
 
 def validate(cfg: CouplingConfig) -> None:

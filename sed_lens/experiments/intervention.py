@@ -15,7 +15,6 @@ accuracy.png (test accuracy vs step, one colour per condition, one thin line per
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -29,11 +28,11 @@ from sed_lens.cli import config_from_args, config_from_dict, csv, parser_for, ru
 from sed_lens.errors import SedLensError, check
 from sed_lens.experiments import grokking
 from sed_lens.experiments.grokking import GrokkingConfig
-from sed_lens.grid import BACKENDS, Cell, is_complete, load_cell, raise_failures, run_grid
+from sed_lens.grid import BACKENDS, Cell, is_complete, load_cell, raise_failures, run_grid, same_config
 from sed_lens.hooks.interventions import APPLY_TO, SubspaceProjection
 from sed_lens.models import INITS, PRESETS, get_preset
 from sed_lens.tasks import ModularArithmetic
-from sed_lens.tracking import WANDB_MODES, read_jsonl, to_jsonable, write_json
+from sed_lens.tracking import WANDB_MODES, log_summary_run, read_jsonl, to_jsonable, write_json
 from sed_lens.training import TrainConfig
 
 TARGET = "sed_lens.experiments.intervention:grid_cell"
@@ -171,7 +170,7 @@ def check_existing(cell_list: Sequence[Cell], root: Path) -> None:
     for c in cell_list:
         if is_complete(root / c.name):
             saved = load_cell(root / c.name)["config"]
-            if saved != json.loads(json.dumps(c.config)):
+            if not same_config(saved, c.config):
                 raise SedLensError(f"{root / c.name} holds a finished run with other settings; "
                                    "choose another --out or delete that run.")
 
@@ -326,6 +325,19 @@ def run(cfg: InterventionConfig) -> dict[str, Any]:
     (out / "intervention.md").write_text(table)
     result["table"] = str(out / "intervention.md")
     write_json(out / "intervention.json", result)
+    runs_table = (["condition", "label", "seed", "grok_step", "steps", "run_dir"],
+                  [[r["condition"], CONDITIONS[r["condition"]].label, r["seed"], r["grok_step"], r["steps"], r["run_dir"]]
+                   for r in runs])
+    stats_table = (["condition", "label", "mean_grok_step", "std", "min", "max", "speedup", "speedup_min", "speedup_max",
+                    "paper_grok_step", "paper_speedup"],
+                   [[c, s["label"], s["mean"], s["std"], s["min"], s["max"], s["speedup"], s["speedup_min"],
+                     s["speedup_max"], *paper.get(c, (None, None))] for c, s in result["conditions"].items()])
+    log_summary_run(out, f"intervention-{cfg.op}-{cfg.method}", asdict(cfg), wandb_mode=cfg.wandb_mode,
+                    project=cfg.wandb_project, job_type="intervention-summary",
+                    tables={"intervention/runs": runs_table, "intervention/conditions": stats_table},
+                    images={f"figures/{k}": v for k, v in result["figures"].items()},
+                    files=[out / "intervention.json", out / "intervention.md"],
+                    summary={c: s["speedup"] for c, s in result["conditions"].items()})
     return result
 
 
