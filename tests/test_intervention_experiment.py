@@ -149,19 +149,3 @@ def test_control_condition_is_a_plain_grokking_run_and_update_method_runs(tmp_pa
     assert removed[-1]["train/loss"] != plain[-1]["train/loss"]
     table = (out / "intervention.md").read_text()
     assert "| B remove SED |" in table and "1.21×" in table
-
-
-@pytest.mark.slow
-def test_grokking_length_intervention_at_small_p(tmp_path, capsys):
-    # TransformerLens' init groks p=31 within a few hundred steps; control and keep-random, one seed.
-    out = tmp_path / "iv"
-    code, _, err = call(["--p", "31", "--init", "tl", "--batch-size", "256", "--steps", "2500", "--seeds", "42",
-                         "--conditions", "A,E", "--out", str(out), "--wandb-mode", "disabled", "--no-progress",
-                         "--workers", "2"], capsys)
-    assert code == 0, err
-    result = json.loads((out / "intervention.json").read_text())
-    for r in result["runs"]:
-        assert r["grok_step"] is not None and r["steps"] == r["grok_step"]
-        assert r["curve"]["test_acc"][-1] >= 0.5
-    assert result["conditions"]["E"]["speedup"] == pytest.approx(
-        result["conditions"]["A"]["mean"] / result["conditions"]["E"]["mean"])

@@ -73,6 +73,8 @@ class CouplingConfig:
     multitask_snapshots: int = field(default=30, metadata={"help": "measured snapshots of a multitask run"})
     multitask_seeds: tuple[int, ...] | None = field(default=None, metadata={
         "help": "seeds of the multitask runs (default: --seeds)"})
+    multitask_ops: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "ops of the multitask model (default: --ops)"})
     train: TrainConfig = field(default_factory=TrainConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
     artifacts: bool = field(default=True, metadata={"help": "save per measured snapshot what recomputes its R values"})
@@ -242,7 +244,7 @@ def cells(cfg: CouplingConfig) -> list[Cell]:
     if cfg.multitask:
         for seed in cfg.multitask_seeds or cfg.seeds:
             scan = replace(cfg.scan, n_snapshots=cfg.multitask_snapshots)
-            out.append(Cell(f"multitask-s{seed}", target, {"grokking": gconfig(tuple(cfg.ops), seed),
+            out.append(Cell(f"multitask-s{seed}", target, {"grokking": gconfig(tuple(cfg.multitask_ops or cfg.ops), seed),
                                                            "scan": asdict(scan), "every": cfg.every,
                                                            "artifacts": cfg.artifacts}))
     return out
@@ -414,9 +416,10 @@ def log_summary_run(cfg: CouplingConfig, out: Path, agg: dict[str, Any], figs: S
 def validate(cfg: CouplingConfig) -> None:
     cfg.train.validate()
     cfg.scan.validate()
-    for op in (*cfg.ops, *([cfg.ablation_op] if cfg.ablation_op else [])):
+    for op in (*cfg.ops, *(cfg.multitask_ops or ()), *([cfg.ablation_op] if cfg.ablation_op else [])):
         check(op in available_ops(), f"unknown op {op!r}; choose from {', '.join(available_ops())}.")
     check(len(cfg.seeds) > 0 and len(cfg.ops) > 0, "name at least one op and one seed.")
+    check(not cfg.multitask or len(cfg.multitask_ops or cfg.ops) >= 2, "a multitask model needs at least two ops.")
     check(cfg.workers is None or cfg.workers >= 1, f"workers must be at least 1, got {cfg.workers}.")
 
 

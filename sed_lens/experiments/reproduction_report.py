@@ -169,8 +169,9 @@ def discussion(coupling: Mapping[str, Any], ivs: Sequence[Mapping[str, Any]], me
         out.append("- **Update projection.** The paper's 1.21× for removing SED under update projection is quoted "
                    "without the op or grok steps; we show add and mul.")
     if meta.get("quick"):
-        out.append("- **This is the `--quick` run** (p 31, TransformerLens init, one seed, fewer snapshots and "
-                   "probes): only the qualitative claims are meaningful, not the numbers.")
+        out.append("- **This is the `--quick` run** (coupling at p 31 with TransformerLens' init, the intervention at "
+                   "p 59 capped at 2,000 steps, one seed, fewer snapshots and probes): only the qualitative claims "
+                   "are meaningful, not the numbers.")
     return out
 
 
