@@ -3,19 +3,14 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import call_main
 
-from sed_lens.cli import run_cli
 from sed_lens.experiments import grokking
 
 
 def call(argv, capsys):
     """Run the grokking CLI in-process; returns (exit code, stdout, stderr)."""
-    try:
-        code = run_cli(grokking.main, argv, prog="grokking")
-    except SystemExit as e:  # argparse: --help and bad flags
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return call_main(grokking.main, argv, capsys, "grokking")
 
 
 def test_help(capsys):

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_helpers import call_main
 
-from sed_lens.cli import run_cli
 from sed_lens.errors import SedLensError
 from sed_lens.experiments import grokking, intervention
 from sed_lens.experiments.intervention import CONDITIONS, aggregate, cell_name
@@ -20,13 +20,8 @@ TINY = ["--op", "add", "--p", "11", "--train-frac", "0.8", "--init", "tl", "--lr
 
 
 def call(argv, capsys):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    try:
-        code = run_cli(intervention.main, argv, prog="intervention")
-    except SystemExit as e:  # argparse: --help and bad flags
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    """Run the intervention CLI in-process; returns (exit code, stdout, stderr)."""
+    return call_main(intervention.main, argv, capsys, "intervention")
 
 
 def test_help(capsys):

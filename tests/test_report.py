@@ -6,6 +6,7 @@ import re
 import shutil
 
 import pytest
+from cli_helpers import call_main
 
 from sed_lens import plots, report
 from sed_lens.cli import run_cli
@@ -134,12 +135,8 @@ def test_the_wandb_report_object_has_the_sections_panels_and_tables(runs, tmp_pa
 
 
 def call(argv, capsys):
-    try:
-        code = run_cli(report.main, argv, prog="report")
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    """Run the report CLI in-process; returns (exit code, stdout, stderr)."""
+    return call_main(report.main, argv, capsys, "report")
 
 
 def test_cli_writes_the_reports_and_saving_to_wandb_fails_in_one_line(runs, tmp_path, capsys, monkeypatch):

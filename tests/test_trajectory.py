@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_helpers import call_main
 
 from sed_lens.analysis.sed import window_bounds
 from sed_lens.analysis.trajectory import ScanConfig, recompute_artifact, scan_coupling, snapshot_indices
@@ -95,12 +96,7 @@ def test_multitask_scan_measures_each_ops_own_stream():
 
 
 def call(main, argv, capsys):
-    try:
-        code = run_cli(main, argv, prog="coupling")
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return call_main(main, argv, capsys, "coupling")
 
 
 def test_coupling_cli_end_to_end_and_rerun_skips(tmp_path, capsys):
