@@ -23,6 +23,29 @@ def test_full_plan_is_the_papers_protocol(tmp_path):
     # 4 non-control conditions by update projection (the control is shared between the two methods).
     assert len(cells) == 13 + 2 * (15 + 12)
     assert names[0] == "multitask-s42" and len(set((str(p), n) for p, n in ((p, c.name) for p, c in cells))) == len(cells)
+    # Seed by seed: every run of seed 42 before any of 137, and those before 2024.
+    seeds = [c.config["grokking"]["seed"] for _, c in cells]
+    assert seeds == sorted(seeds, key=(42, 137, 2024).index) and seeds.count(42) == 5 + 2 * (5 + 4)
+
+
+def test_seeds_option_restricts_every_experiment_and_keeps_the_runs(tmp_path):
+    full = {(str(p), c.name): c.config for p, c in all_cells(*plan(ReproduceConfig(out=str(tmp_path))))}
+    coupling, interventions = plan(ReproduceConfig(out=str(tmp_path), seeds=(42,)))
+    assert coupling.seeds == (42,) and all(iv.seeds == (42,) for iv in interventions)
+    one = all_cells(coupling, interventions)
+    # The one-seed report reads exactly the seed-42 runs of the full reproduction (same names, same configs).
+    assert len(one) == 5 + 2 * (5 + 4)
+    assert all(full[(str(p), c.name)] == c.config for p, c in one)
+
+
+def test_report_says_when_seeds_differ_from_the_papers():
+    from sed_lens.experiments.reproduction_report import discussion
+
+    def notes(meta):
+        return "\n".join(discussion({"aggregate": {"single": {}, "multitask": {}}, "config": {"init": "torch"}}, [], meta))
+
+    assert "Seeds 42 only" in notes({"seeds": [42], "quick": False})
+    assert "Seeds" not in notes({"seeds": [42, 137, 2024], "quick": False})
 
 
 def test_help_and_bad_flags(capsys):

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from sed_lens.analysis.trajectory import ScanConfig
-from sed_lens.cli import config_from_args, parser_for, run_cli
+from sed_lens.cli import config_from_args, csv, parser_for, run_cli
 from sed_lens.errors import check
 from sed_lens.experiments import coupling as coupling_exp
 from sed_lens.experiments import intervention as intervention_exp
@@ -44,6 +44,10 @@ class ReproduceConfig:
     out: str = field(default="runs/reproduce", metadata={"help": "where the runs and the report go (rerunning skips finished runs)"})
     report: str | None = field(default=None, metadata={
         "help": "also write the report here, figures in a folder beside it (e.g. docs/REPRODUCTION.md)"})
+    seeds: tuple[int, ...] = field(default=(42, 137, 2024), metadata={
+        "help": "comma-separated seeds of the coupling and intervention grids (the paper's three by default; runs go "
+                "seed by seed, so an interrupted run can be reported for its finished seeds with --seeds 42)",
+        "parse": csv(int)})
     multitask_seeds: tuple[int, ...] = field(default=(42,), metadata={"help": "seeds of the multitask coupling runs"})
     backend: str = field(default="local", metadata={"help": "where runs execute", "choices": BACKENDS})
     workers: int | None = field(default=None, metadata={"help": "parallel runs (default: one per core)"})
@@ -72,19 +76,21 @@ def plan(cfg: ReproduceConfig) -> tuple[coupling_exp.CouplingConfig, list[interv
             train=intervention_exp.InterventionTrainConfig(steps=2000),
             out=str(out / "intervention" / "add-gradient"), **common)]
         return coupling, interventions
-    coupling = coupling_exp.CouplingConfig(multitask=True, multitask_seeds=cfg.multitask_seeds, window_ablation=True,
-                                           eps_ablation=True, out=str(out / "coupling"), **common)
-    interventions = [intervention_exp.InterventionConfig(op=op, method=m, out=str(out / "intervention" / f"{op}-{m}"),
-                                                         **common)
+    coupling = coupling_exp.CouplingConfig(seeds=cfg.seeds, multitask=True, multitask_seeds=cfg.multitask_seeds,
+                                           window_ablation=True, eps_ablation=True, out=str(out / "coupling"), **common)
+    interventions = [intervention_exp.InterventionConfig(op=op, method=m, seeds=cfg.seeds,
+                                                         out=str(out / "intervention" / f"{op}-{m}"), **common)
                      for op in ("add", "mul") for m in ("gradient", "update")]
     return coupling, interventions
 
 
 def all_cells(coupling: coupling_exp.CouplingConfig,
               interventions: Sequence[intervention_exp.InterventionConfig]) -> list[tuple[Path, Cell]]:
-    """Every run of the reproduction with the directory it belongs in, longest first (multitask, single-task
-    coupling, then the intervention conditions that train longest). The control runs of an op are listed once:
-    the other projection method's grid gets a copy (:func:`share_controls`)."""
+    """Every run of the reproduction with the directory it belongs in: seed by seed (every run of the first seed,
+    then of the next, so an interrupted reproduction has complete experiments for its finished seeds), and
+    within a seed longest first (multitask, single-task coupling, then the intervention conditions that train
+    longest). The control runs of an op are listed once: the other projection method's grid gets a copy
+    (:func:`share_controls`)."""
     cells = [(Path(coupling.out) / "cells", c) for c in coupling_exp.cells(coupling)]
     seen_controls: set[str] = set()
     for iv in interventions:
@@ -96,11 +102,17 @@ def all_cells(coupling: coupling_exp.CouplingConfig,
                 seen_controls.add(key)
             cells.append((iv.out_dir, c))
 
-    def rank(item: tuple[Path, Cell]) -> int:
+    seed_order: dict[int, int] = {}
+    for _, c in cells:
+        seed_order.setdefault(int(c.config["grokking"]["seed"]), len(seed_order))
+
+    def rank(item: tuple[Path, Cell]) -> tuple[int, int]:
         root, c = item
         if root.name == "cells":
-            return 0 if c.name.startswith("multitask") else 1
-        return 2 if c.config["condition"] in ("A", "B", "D") else 3
+            kind = 0 if c.name.startswith("multitask") else 1
+        else:
+            kind = 2 if c.config["condition"] in ("A", "B", "D") else 3
+        return seed_order[int(c.config["grokking"]["seed"])], kind
 
     return sorted(cells, key=rank)
 
@@ -160,6 +172,7 @@ def run(cfg: ReproduceConfig, argv: Sequence[str] | None = None) -> dict[str, An
     meta = {"command": " ".join(["python -m sed_lens.experiments.reproduce", *(argv or [])]),
             "wall_time_s": time.perf_counter() - t0, "runs": len(grid),
             "runs_skipped": sum(r.skipped for r in results), "versions": versions(), "quick": cfg.quick,
+            "seeds": list(coupling.seeds),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     found = claims(coupling_res, iv_res)
     paths = write_report(root, coupling_res, iv_res, meta, found, Path(cfg.report) if cfg.report else None)

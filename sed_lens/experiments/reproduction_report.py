@@ -17,6 +17,8 @@ import numpy as np
 from sed_lens.experiments.coupling import EPSILONS, PAPER, WINDOWS
 from sed_lens.experiments.intervention import PAPER as IV_PAPER
 
+PAPER_SEEDS = (42, 137, 2024)
+
 
 def _num(x: Any) -> float:
     return float("nan") if x is None else float(x)
@@ -171,6 +173,11 @@ def discussion(coupling: Mapping[str, Any], ivs: Sequence[Mapping[str, Any]], me
     if any(r["config"]["method"] == "update" for r in ivs):
         out.append("- **Update projection.** The paper's 1.21× for removing SED under update projection is quoted "
                    "without the op or grok steps; we show add and mul.")
+    seeds = meta.get("seeds")
+    if not meta.get("quick") and seeds is not None and tuple(seeds) != PAPER_SEEDS:
+        out.append(f"- **Seeds {', '.join(map(str, seeds))} only** (the paper averages {', '.join(map(str, PAPER_SEEDS))}): "
+                   "our means are those seeds' values, and the spread over seeds is not measured. The runs go seed by "
+                   "seed, so rerunning the full command completes the other seeds and reuses these runs.")
     if meta.get("quick"):
         out.append("- **This is the `--quick` run** (coupling at p 31 with TransformerLens' init, the intervention at "
                    "p 59 capped at 2,000 steps, one seed, fewer snapshots and probes): only the qualitative claims "
