@@ -5,8 +5,8 @@ remote resources: it opens offline) — and DIR/report.md with its figures copie
 one section: its configuration, its summary tables with the paper's numbers beside ours where they apply, and
 its figures; a figure the directory lacks is regenerated from its data into DIR/figures/. Directories it knows:
 a grokking run, a coupling output directory (OUT of the coupling experiment), a single coupling run, an
-intervention output directory, and any other run directory (config.json or summary.json: its config, summary,
-Markdown tables and every PNG).
+intervention output directory, a reproduction output directory, and any other run directory (config.json or
+summary.json: its config, summary, Markdown tables and every PNG).
 
 ``--wandb ENTITY/PROJECT`` also builds the report as a W&B Report (wandb-workspaces): the same text and tables,
 and panel grids over the runs the directories logged (line plots of their metrics, their W&B tables and
@@ -240,8 +240,8 @@ def other_figures(run_dir: Path, shown: Sequence[Figure]) -> list[Figure]:
 
 
 def markdown_blocks(text: str, shift: int = 1) -> list[Block]:
-    """Blocks of a Markdown subset — headings (moved ``shift`` levels down), pipe tables, paragraphs; image
-    lines are skipped (figures are shown from the files)."""
+    """Blocks of a Markdown subset — headings (moved ``shift`` levels down), pipe tables, paragraphs, list items
+    (one paragraph each, starting ``- ``); image lines are skipped (figures are shown from the files)."""
     blocks: list[Block] = []
     para: list[str] = []
     lines = text.splitlines()
@@ -274,6 +274,9 @@ def markdown_blocks(text: str, shift: int = 1) -> list[Block]:
             continue
         elif line.startswith("!["):
             flush()
+        elif line.startswith(("- ", "* ")):
+            flush()
+            para.append(line.strip())
         elif not line.strip():
             flush()
         else:
@@ -430,6 +433,24 @@ def generic_section(run_dir: Path, figure_dir: Path) -> Section:
     return Section(f"{name.capitalize()}: {run_dir.name}", name, run_dir, blocks, panels)
 
 
+def reproduction_section(run_dir: Path, figure_dir: Path) -> Section:
+    """The output directory of ``python -m sed_lens.experiments.reproduce``: its REPRODUCTION.md (the headline
+    table beside the paper's, the claims, the discussion, the detailed tables) and the figures it links."""
+    text = (run_dir / "REPRODUCTION.md").read_text()
+    title, _, body = text.partition("\n") if text.startswith("# ") else ("", "", text)
+    blocks = markdown_blocks(body)
+    for name, ref in re.findall(r"^!\[([^\]]*)\]\(([^)]+)\)", body, flags=re.M):
+        path = run_dir / ref
+        if path.is_file():
+            blocks.append(Figure(path, name))
+    cells = run_dir / "coupling" / "cells"
+    runs = sorted(d for d in cells.iterdir() if d.is_dir()) if cells.is_dir() else []
+    return Section(title.lstrip("# ").strip() or f"Reproduction: {run_dir.name}", "reproduction", run_dir, blocks,
+                   Panels(wandb_ids(*runs), metric_plots(metric_keys(*(d / "metrics.jsonl" for d in runs))), [], []))
+
+
+register("reproduction", lambda d: (d / "REPRODUCTION.md").is_file() and (d / "reproduction.json").is_file(),
+         reproduction_section)
 register("intervention", lambda d: (d / "intervention.json").is_file(), generic_section)
 register("run", lambda d: (d / "config.json").is_file() or (d / "summary.json").is_file(), generic_section)
 
@@ -454,6 +475,14 @@ def _slug(i: int, run_dir: Path) -> str:
     return f"{i + 1:02d}-{re.sub(r'[^A-Za-z0-9._-]+', '-', run_dir.resolve().name).strip('-') or 'run'}"
 
 
+def inline_html(text: str) -> str:
+    """Escaped ``text`` with Markdown's inline ``**bold**``, ``*italic*`` and ```code``` as HTML."""
+    out = html.escape(text, quote=False)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"(?<![*\w])\*([^*\s][^*]*)\*(?![*\w])", r"<em>\1</em>", out)
+
+
 def render_html(title: str, sections: Sequence[Section], generated: str) -> str:
     """One self-contained HTML page: figures as base64 ``data:`` URIs, inline CSS, only in-page links."""
     e = html.escape
@@ -468,11 +497,14 @@ def render_html(title: str, sections: Sequence[Section], generated: str) -> str:
             if isinstance(b, Heading):
                 parts.append(f"<h{b.level}>{e(b.text)}</h{b.level}>")
             elif isinstance(b, Text):
-                parts.append(f"<p>{e(b.text)}</p>")
+                if b.text.startswith(("- ", "* ")):
+                    parts.append(f"<ul><li>{inline_html(b.text[2:])}</li></ul>")
+                else:
+                    parts.append(f"<p>{inline_html(b.text)}</p>")
             elif isinstance(b, Table):
                 cap = f"<caption>{e(b.caption)}</caption>" if b.caption else ""
-                head = "".join(f"<th>{e(c)}</th>" for c in b.columns)
-                body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+                head = "".join(f"<th>{inline_html(c)}</th>" for c in b.columns)
+                body = "".join("<tr>" + "".join(f"<td>{inline_html(c)}</td>" for c in r) + "</tr>" for r in b.rows)
                 parts.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
             elif isinstance(b, Figure):
                 data = base64.b64encode(b.path.read_bytes()).decode()

@@ -220,6 +220,32 @@ def test_markdown_blocks_parse_headings_tables_and_paragraphs():
                       report.Table(["a", "b"], [["1", "2"]])]
 
 
+def test_markdown_list_items_are_paragraphs_and_inline_markup_becomes_html():
+    blocks = report.markdown_blocks("- **one** item\n- two `x<y`\nmore\n")
+    assert blocks == [report.Text("- **one** item"), report.Text("- two `x<y` more")]
+    assert report.inline_html("**b** *i* `c<d` 2*3*4 a*b") == "<strong>b</strong> <em>i</em> <code>c&lt;d</code> 2*3*4 a*b"
+
+
+def test_a_reproduction_directory_is_reported_with_its_tables_claims_and_figures(tmp_path):
+    d = tmp_path / "repro"
+    (d / "coupling").mkdir(parents=True)
+    fig, ax = plots.new_figure("t", "x", "y")
+    ax.plot([0, 1], [1, 2])
+    plots.save_figure(fig, d / "coupling" / "fig.png")
+    (d / "reproduction.json").write_text(json.dumps({"claims": {}}))
+    (d / "REPRODUCTION.md").write_text(
+        "# Reproducing Xu (2026) with sed_lens\n\n## Headline\n\n| row | paper | ours |\n|---|---|---|\n"
+        "| gradient R̄ | 100–330 | **112** |\n\n- **Claim** holds.\n- Another.\n\n## Figures\n\n"
+        "![coupling_single](coupling/fig.png)\n![gone](coupling/missing.png)\n")
+    res = report.build_report([d], tmp_path / "rep")
+    sec = res.sections[0]
+    assert sec.kind == "reproduction" and sec.title == "Reproducing Xu (2026) with sed_lens"
+    assert [b.caption for b in sec.blocks if isinstance(b, report.Figure)] == ["coupling_single"]
+    page = res.html.read_text()
+    assert "<td><strong>112</strong></td>" in page and "<ul><li><strong>Claim</strong> holds.</li></ul>" in page
+    assert page.count("data:image/png;base64,") == 1
+
+
 def test_sed_spectra_plots_every_stream_and_refuses_metrics_without_sed(tmp_path):
     history = [{"step": s, "sed/gradient/sigma_1": 2.0 + s, "sed/gradient/sigma_2": 1.0, "sed/gradient/gap_1": 2.0 + s,
                 "sed/task_gradient/add/sigma_1": 1.0, "sed/task_gradient/add/gap_1": None,

@@ -67,5 +67,7 @@ def test_quick_reproduction_checks_the_papers_qualitative_claims(tmp_path, capsy
     for row in ("single-task gradient-SED peak R̄", "window ablation", "ε ablation", "multitask: per-op gradient SED",
                 "intervention, gradient projection, add"):
         assert row in text
+    page = (out / "REPRODUCTION.html").read_text()  # the same report, one self-contained page
+    assert "single-task gradient-SED peak R̄" in page and page.count("data:image/png;base64,") == text.count("\n![")
     assert "![" in text and all((out / line.split("](")[1].rstrip(")\n")).is_file()
                                 for line in text.splitlines() if line.startswith("!["))
