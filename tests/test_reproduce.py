@@ -71,3 +71,22 @@ def test_quick_reproduction_checks_the_papers_qualitative_claims(tmp_path, capsy
     assert "single-task gradient-SED peak R̄" in page and page.count("data:image/png;base64,") == text.count("\n![")
     assert "![" in text and all((out / line.split("](")[1].rstrip(")\n")).is_file()
                                 for line in text.splitlines() if line.startswith("!["))
+
+
+def test_run_times_reads_each_runs_start_and_finish(tmp_path):
+    import os
+    import time
+
+    from sed_lens.experiments.reproduce import run_times
+
+    t0 = time.mktime(time.strptime("2026-01-01 10:00:00", "%Y-%m-%d %H:%M:%S"))
+    for name, start, minutes in (("a", 0, 10), ("b", 5 * 60, 20), ("unfinished", 0, None)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "run.json").write_text(json.dumps({"created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0 + start))}))
+        if minutes is not None:
+            (d / "cell.json").write_text("{}")
+            os.utime(d / "cell.json", (t0 + start + minutes * 60, t0 + start + minutes * 60))
+    times = run_times(tmp_path, ["a", "b", "unfinished", "missing"])
+    assert times["worker_s"] == pytest.approx(30 * 60) and times["span_s"] == pytest.approx(25 * 60)
+    assert run_times(tmp_path, ["unfinished"]) == {"worker_s": None, "span_s": None}

@@ -152,6 +152,22 @@ def versions() -> dict[str, str]:
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
 
 
+def run_times(root: Path, names: Sequence[str]) -> dict[str, float | None]:
+    """How long the runs ``names`` (under ``root``) took, whichever invocations trained them: ``worker_s``, the sum
+    of each run's time from its start (``created`` in run.json) to its finish (cell.json written), and
+    ``span_s``, from the first start to the last finish (None when no run has both files)."""
+    spans = []
+    for name in names:
+        run_json, cell_json = root / name / "run.json", root / name / "cell.json"
+        if run_json.is_file() and cell_json.is_file():
+            start = time.mktime(time.strptime(json.loads(run_json.read_text())["created"], "%Y-%m-%d %H:%M:%S"))
+            spans.append((start, cell_json.stat().st_mtime))
+    if not spans:
+        return {"worker_s": None, "span_s": None}
+    return {"worker_s": sum(end - start for start, end in spans),
+            "span_s": max(end for _, end in spans) - min(start for start, _ in spans)}
+
+
 def run(cfg: ReproduceConfig, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run (or complete) every run of the reproduction, aggregate each experiment, write the report."""
     t0 = time.perf_counter()
@@ -172,7 +188,7 @@ def run(cfg: ReproduceConfig, argv: Sequence[str] | None = None) -> dict[str, An
     meta = {"command": " ".join(["python -m sed_lens.experiments.reproduce", *(argv or [])]),
             "wall_time_s": time.perf_counter() - t0, "runs": len(grid),
             "runs_skipped": sum(r.skipped for r in results), "versions": versions(), "quick": cfg.quick,
-            "seeds": list(coupling.seeds),
+            "seeds": list(coupling.seeds), "run_times": run_times(root, [c.name for c in grid]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     found = claims(coupling_res, iv_res)
     paths = write_report(root, coupling_res, iv_res, meta, found, Path(cfg.report) if cfg.report else None)
