@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -115,6 +116,24 @@ def execute_cell(cell: Cell, run_dir: str, threads: int | None = 1) -> dict[str,
     return summary  # type: ignore[no-any-return]
 
 
+def die_with_parent(parent: int) -> None:
+    """Pool-worker initializer: on Linux, ask the kernel to end this worker when the grid's process (pid
+    ``parent``) dies — killed, crashed — so an interrupted grid leaves no orphan run training on. Elsewhere a
+    no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _execute_safely(cell: Cell, run_dir: str, threads: int | None) -> tuple[dict[str, Any] | None, str | None]:
     try:
         return execute_cell(cell, run_dir, threads), None
@@ -163,7 +182,8 @@ def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", wo
                 results[c.name] = CellResult(c.name, str(root / c.name), summary, error=err)
                 bar.update(1)
         else:
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn"),
+                                     initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
                 futures: dict[Future[Any], Cell] = {
                     pool.submit(_execute_safely, c, str(root / c.name), threads): c for c in todo}
                 for fut in as_completed(futures):

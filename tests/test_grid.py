@@ -1,4 +1,11 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +62,50 @@ def test_grid_errors(tmp_path):
         run_grid([Cell("x", "sed_lens.nothing:here")], tmp_path)
     with pytest.raises(SedLensError, match="package.module:function"):
         run_grid([Cell("x", "nocolon")], tmp_path)
+
+
+def _children(pid):
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers die with the grid on Linux only")
+def test_killing_the_grid_process_ends_its_workers(tmp_path):
+    script = textwrap.dedent(f"""
+        from sed_lens.grid import Cell, run_grid
+        cells = [Cell(f"c{{i}}", {TARGET!r}, {{"p": 97, "seed": i, "wandb_mode": "disabled",
+                 "train": {{"steps": 10**6, "eval_every": 10**5, "checkpoint_every": 0}}}}) for i in range(2)]
+        run_grid(cells, {str(tmp_path)!r}, workers=2, progress=False)
+    """)
+    grid = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not all((tmp_path / f"c{i}" / "config.json").is_file() for i in range(2)):
+            time.sleep(0.5)  # both workers are training
+        workers = _children(grid.pid)
+        assert len(workers) >= 2, "the grid's workers did not start"
+        grid.send_signal(signal.SIGKILL)
+        grid.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "workers outlived the killed grid"
+    finally:
+        try:  # whatever is left of the grid's process group (it has its own session)
+            os.killpg(grid.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
