@@ -90,3 +90,32 @@ def test_run_times_reads_each_runs_start_and_finish(tmp_path):
     times = run_times(tmp_path, ["a", "b", "unfinished", "missing"])
     assert times["worker_s"] == pytest.approx(30 * 60) and times["span_s"] == pytest.approx(25 * 60)
     assert run_times(tmp_path, ["unfinished"]) == {"worker_s": None, "span_s": None}
+
+
+def _multitask(update, gradient, per_op):
+    return {"aggregate": {"multitask": {"add": [{"update_peak": update, "gradient_peak": gradient, "per_op_peak": per_op,
+                                                 "seed": 42}]}}}
+
+
+def test_multitask_note_reads_the_aggregated_gradient_control():
+    from sed_lens.experiments.reproduction_report import multitask_notes
+
+    # The aggregated gradient couples like the per-op gradients: aggregation is not what hides the coupling.
+    assert "does not support" in multitask_notes(_multitask(4.0, 38.0, 35.0))[0]
+    # The aggregated gradient is already low: aggregation hides part of it, as the paper says.
+    assert "as the paper says." in multitask_notes(_multitask(0.8, 5.0, 30.0))[0]
+    assert multitask_notes({"aggregate": {"multitask": {}}}) == []
+
+
+def test_intervention_note_only_when_the_size_differs_from_the_papers():
+    from sed_lens.experiments.reproduction_report import intervention_notes
+
+    def grid(keep, method="gradient", remove=1.0):
+        cond = {"A": {"speedup": 1.0}, "B": {"speedup": remove}, "C": {"speedup": keep}, "E": {"speedup": keep}}
+        return {"config": {"op": "add", "method": method}, "conditions": cond}
+
+    assert "larger" in intervention_notes([grid(3.4)])[0]
+    assert "smaller" in intervention_notes([grid(1.3)])[0]
+    assert intervention_notes([grid(2.3)]) == []
+    notes = intervention_notes([grid(2.3), grid(2.3, "update", remove=1.3)])
+    assert len(notes) == 1 and "add 1.30×" in notes[0] and "add 1.00×" in notes[0]

@@ -21,6 +21,83 @@ from sed_lens.experiments.intervention import PAPER as IV_PAPER
 PAPER_SEEDS = (42, 137, 2024)
 
 
+def coupling_level_notes(coupling: Mapping[str, Any]) -> list[str]:
+    """Where our coupling levels differ from the paper's, from the rows that name the same run."""
+    agg, out = coupling["aggregate"], []
+    by_op = single_rows(coupling)
+    pairs = []  # (what, paper, ours) for rows of the paper that name one run
+    mul = {r["seed"]: r["gradient_peak"] for r in by_op.get("mul", [])}
+    pairs += [(f"mul seed {s} peak R̄", PAPER["single_gradient_mul"][s], _num(v)) for s, v in mul.items()
+              if s in PAPER["single_gradient_mul"]]
+    wa, ea = agg.get("window_ablation") or {}, agg.get("eps_ablation") or {}
+    pairs += [(f"W={w} peak R₁", PAPER["window"][w], _num((_get(wa, w) or {}).get("leading"))) for w in PAPER["window"]
+              if _get(wa, w)]
+    pairs += [(f"ε={e:g} peak R₁", PAPER["eps"][e], _num(_get(ea, e))) for e in PAPER["eps"] if _get(ea, e) is not None]
+    pairs = [(w, p, o) for w, p, o in pairs if np.isfinite(o) and o > 0]
+    factors = [p / o for _, p, o in pairs]
+    if factors and min(factors) > 1.25:  # consistently below the paper (agreement or mixed: the table says it)
+        upd = [r["update_peak"] for rows in by_op.values() for r in rows]
+        out.append(f"- **Gradient-SED coupling level.** Where the paper names the run, our gradient-SED coupling is "
+                   f"{min(factors):.1f}–{max(factors):.1f}× below its number ("
+                   + "; ".join(f"{w}: {o:.0f} vs {p:g}" for w, p, o in pairs) + "), while our update-SED peaks "
+                   f"({_range(upd)}) sit at the paper's ≈3–9×; so our gradient/update ratio is at the low end of the "
+                   "paper's one to two orders of magnitude. Across window sizes the paper's R₁ climbs steeply as W "
+                   "shrinks; ours changes less. We have not identified the cause: the gradient batch, the probes and "
+                   "the centroids follow the paper's description and code as listed below, and exact and "
+                   "finite-difference derivatives agree, so the gap is not the derivative.")
+    return out
+
+
+def multitask_notes(coupling: Mapping[str, Any]) -> list[str]:
+    """What our aggregated-gradient control says about the multitask claim."""
+    mt = coupling["aggregate"].get("multitask") or {}
+    if not mt:
+        return []
+    upd = [_num(r["update_peak"]) for rows in mt.values() for r in rows]
+    grad = [_num(r["gradient_peak"]) for rows in mt.values() for r in rows]
+    per = [_num(r["per_op_peak"]) for rows in mt.values() for r in rows]
+    if not (np.all(np.isfinite(upd)) and np.all(np.isfinite(grad)) and np.all(np.isfinite(per))):
+        return []
+    note = (f"- **Multitask: what hides the coupling.** Our aggregated update SED peaks at {_range(upd, 2)} (paper: ≤ 1). "
+            f"Per-op gradient SED ({_range(per)}) is {min(per) / max(upd):.1f}× or more above it, as the paper says. ")
+    if min(grad) >= 0.5 * min(per):
+        note += (f"But the aggregated *gradient* SED ({_range(grad)}) couples as strongly as the per-op gradients: in our "
+                 "runs, summing the four ops' gradients does not hide the coupling; the optimizer's update (Adam's "
+                 "per-coordinate normalisation, weight decay) is what lowers it. The paper attributes the loss to "
+                 "aggregation across competing tasks; our control does not support that reading.")
+    else:
+        note += (f"The aggregated *gradient* SED ({_range(grad)}) is already below the per-op gradients, so aggregation "
+                 "across tasks hides part of the coupling, as the paper says.")
+    return [note]
+
+
+def intervention_notes(ivs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """How our intervention speedups compare with the paper's."""
+    out = []
+    grad = [r for r in ivs if r["config"]["method"] == "gradient"]
+    keep = [r["conditions"][k]["speedup"] for r in grad for k in ("C", "E") if k in r["conditions"]]
+    keep = [k for k in keep if k is not None]
+    if keep and (min(keep) > 1.2 * 2.36 or max(keep) < 0.8 * 2.20):
+        size = "larger" if min(keep) > 2.36 else "smaller"
+        rows = "; ".join(f"{r['config']['op']}: keep SED {_f(r['conditions']['C']['speedup'], 2)}×, keep random "
+                         f"{_f(r['conditions']['E']['speedup'], 2)}×" for r in grad
+                         if "C" in r["conditions"] and "E" in r["conditions"])
+        out.append(f"- **Intervention size.** Keeping a rank-3 subspace speeds grokking {_range(keep, 2)}× in our runs "
+                   f"against the paper's 2.20× (SED) and 2.36× (random) for add ({rows}). The pattern is the paper's "
+                   f"— keeping any rank-3 subspace helps about equally, removing one changes little — but the size is "
+                   f"{size}. We have not identified why (the projection, clipping order, warm-up and random bases "
+                   "follow the paper).")
+    upd = {r["config"]["op"]: r["conditions"]["B"]["speedup"] for r in ivs
+           if r["config"]["method"] == "update" and "B" in r["conditions"]}
+    gb = {r["config"]["op"]: r["conditions"]["B"]["speedup"] for r in grad if "B" in r["conditions"]}
+    if upd:
+        out.append("- **Update-projection artefact.** Removing SED from the *update* speeds grokking ("
+                   + "; ".join(f"{op} {_f(v, 2)}×" for op, v in upd.items()) + ", paper 1.21×) while removing it from "
+                   "the *gradient* does not (" + "; ".join(f"{op} {_f(v, 2)}×" for op, v in gb.items())
+                   + "): the paper's artefact reproduces. The paper quotes its 1.21× without the op or grok steps.")
+    return out
+
+
 def _num(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
@@ -73,8 +150,10 @@ def headline(coupling: Mapping[str, Any], ivs: Sequence[Mapping[str, Any]]) -> l
         lines.append(f"| single-task gradient-SED peak R̄ ({runs}) | 100–330; mul per seed 327, 101, 217 | "
                      f"{_range(grad, 0)}; mul {mul_txt or '—'} | {inside} of {len(grad)} runs inside 100–330 |")
         ratios = [r["ratio"] for rows in by_op.values() for r in rows]
-        lines.append(f"| gradient SED / update SED (peak R̄ ratio per run) | 30–100× (1–2 orders of magnitude) | "
-                     f"{_range(ratios)}× | {'yes' if np.nanmin([_num(x) for x in ratios]) > 10 else 'no'} |")
+        below = int(np.sum(np.array([_num(x) for x in ratios]) < 10))
+        lines.append(f"| gradient SED / update SED (peak R̄ ratio per run) | 1–2 orders of magnitude (100–330 vs 3–9) | "
+                     f"{_range(ratios)}× | " + ("yes: ≥ 10× in every run" if not below else f"no: below 10× in {below} runs")
+                     + " |")
     wa = agg.get("window_ablation") or {}
     if wa:
         vals = [_num((_get(wa, w) or {}).get("leading")) for w in WINDOWS]
@@ -108,8 +187,10 @@ def headline(coupling: Mapping[str, Any], ivs: Sequence[Mapping[str, Any]]) -> l
         cfg, c = res["config"], res["conditions"]
         paper = IV_PAPER.get((cfg["op"], cfg["method"]), {})
         pt = "; ".join(f"{k} {g if g is not None else '—'} ({s:.2f})" for k, (g, s) in paper.items()) or "not published"
-        ours = "; ".join(f"{k} {'≥ ' if c[k]['censored'] else ''}{c[k]['mean']:.0f} ({_f(c[k]['speedup'], 2)}, seeds "
-                         f"{_f(c[k]['speedup_min'], 2)}–{_f(c[k]['speedup_max'], 2)})" for k in c)
+        spread = len(cfg["seeds"]) > 1
+        ours = "; ".join(f"{k} {'≥ ' if c[k]['censored'] else ''}{c[k]['mean']:.0f} ({_f(c[k]['speedup'], 2)}"
+                         + (f", seeds {_f(c[k]['speedup_min'], 2)}–{_f(c[k]['speedup_max'], 2)}" if spread else "") + ")"
+                         for k in c)
         if any(c[k]["censored"] for k in c):
             ours += f" (≥: some runs had not grokked at step {cfg['train']['steps']}; speedups against them are bounds)"
         keep = [c[k]["speedup"] for k in ("C", "E") if k in c and c[k]["speedup"] is not None]
@@ -153,6 +234,7 @@ def discussion(coupling: Mapping[str, Any], ivs: Sequence[Mapping[str, Any]], me
                        "paper does not say whether its figure is a peak, a mean over snapshots or a typical value; "
                        "the mean over snapshots is in the detailed table. The gradient/update ratio, which carries "
                        "the paper's conclusion, is the row to compare.")
+    out += coupling_level_notes(coupling)
     out.append("- **Readout and centroid.** Centroids are the paper's single-logit form, ∂logit_y/∂(token + position "
                "embedding), at both positions for the readout at position 0, on 1024 distinct probe pairs from the "
                "whole grid (the paper's code draws 1024 with replacement). The gradient batch is 512 pairs drawn "
@@ -168,12 +250,10 @@ def discussion(coupling: Mapping[str, Any], ivs: Sequence[Mapping[str, Any]], me
                    f"seeds {', '.join(r['seed'].__str__() for r in next(iter(coupling['aggregate']['multitask'].values())))}. "
                    "We also report the aggregated *gradient* SED (sum of the per-op gradients), which separates "
                    "what aggregation hides from what the optimizer hides.")
+    out += multitask_notes(coupling) + intervention_notes(ivs)
     if any(r["config"]["op"] == "mul" for r in ivs):
         out.append("- **Interventions on mul.** The paper reports 'the same pattern' without numbers; ours are "
                    "in the table with their seed spread.")
-    if any(r["config"]["method"] == "update" for r in ivs):
-        out.append("- **Update projection.** The paper's 1.21× for removing SED under update projection is quoted "
-                   "without the op or grok steps; we show add and mul.")
     seeds = meta.get("seeds")
     if not meta.get("quick") and seeds is not None and tuple(seeds) != PAPER_SEEDS:
         out.append(f"- **Seeds {', '.join(map(str, seeds))} only** (the paper averages {', '.join(map(str, PAPER_SEEDS))}): "
