@@ -4,7 +4,8 @@ A :class:`Cell` names a directory under the grid's root, an importable function 
 JSON-able config; the function is called as ``fn(config, run_dir)`` and returns a JSON-able summary. When it
 returns, the grid writes ``RUN_DIR/cell.json`` (config + summary): a cell with that file is complete and is
 skipped by the next :func:`run_grid` over the same root; a cell directory without it (an interrupted run) is
-cleared and run again.
+cleared and run again. A finished cell whose config differs is an error (its run is never deleted silently)
+unless the caller passes ``changed="rerun"``.
 
 Backends: ``"local"`` runs cells in a pool of ``workers`` processes (default: one per core) or, with
 ``workers=1``, in this process; ``"ray"`` sends each cell to a Ray cluster (``pip install "sed-lens[distributed]"``).
@@ -145,17 +146,19 @@ def _execute_safely(cell: Cell, run_dir: str, threads: int | None) -> tuple[dict
 
 def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", workers: int | None = None,
              threads: int = 1, ray_address: str | None = None, progress: bool = True,
-             desc: str = "grid") -> list[CellResult]:
+             desc: str = "grid", changed: str = "error") -> list[CellResult]:
     """Run every incomplete cell of ``cells`` under ``root``; results in the order of ``cells``.
 
-    A cell is skipped when its directory holds a ``cell.json`` with the same config; one with another config is
-    run again. A cell that raises is reported in its :class:`CellResult` (``error``) and the others still run;
+    A cell is skipped when its directory holds a ``cell.json`` with the same config. One with another config
+    raises :class:`SedLensError` before any work (``changed="error"``) or is deleted and run again
+    (``changed="rerun"``). A cell that raises is reported in its :class:`CellResult` (``error``) and the others still run;
     call :func:`raise_failures` to turn failures into one error.
     """
     check(backend in BACKENDS, f"unknown grid backend {backend!r}; choose {' or '.join(BACKENDS)}.")
     workers = max(1, (os.cpu_count() or 1) // max(1, threads)) if workers is None else workers
     check(isinstance(workers, int) and workers >= 1, f"workers must be a positive integer, got {workers!r}.")
     check(isinstance(threads, int) and threads >= 1, f"threads must be a positive integer, got {threads!r}.")
+    check(changed in ("error", "rerun"), f"changed must be 'error' or 'rerun', got {changed!r}.")
     names = [c.name for c in cells]
     check(len(set(names)) == len(names), "grid cells must have distinct names.")
     for c in cells:
@@ -169,8 +172,11 @@ def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", wo
         done = load_cell(run_dir) if is_complete(run_dir) else None
         if done is not None and same_config(done.get("config"), c.config):
             results[c.name] = CellResult(c.name, str(run_dir), done["summary"], skipped=True)
+        elif done is not None and changed == "error":
+            raise SedLensError(f"{run_dir} holds a finished run with other settings; choose another --out or "
+                               "delete that run.")
         else:
-            todo.append(c)  # never run, interrupted, or run with another config
+            todo.append(c)  # never run, interrupted, or (changed="rerun") run with another config
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=desc, unit="run", disable=not progress,
                dynamic_ncols=True)
     try:

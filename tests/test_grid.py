@@ -32,8 +32,11 @@ def test_local_grid_runs_cells_skips_complete_ones_and_reruns_interrupted(tmp_pa
     second = run_grid(cells, tmp_path, workers=1, progress=False)
     assert [r.skipped for r in second] == [True, False]
     assert second[1].summary["final"] == first[1].summary["final"]  # deterministic rerun
-    changed = run_grid([cell("s0", 0, p=11)], tmp_path, workers=1, progress=False)
-    assert not changed[0].skipped  # same name, another config: run again
+    with pytest.raises(SedLensError, match="finished run with other settings"):  # never deleted silently
+        run_grid([cell("s0", 0, p=11)], tmp_path, workers=1, progress=False)
+    assert json.loads((tmp_path / "s0" / "cell.json").read_text())["config"]["p"] == 7
+    changed = run_grid([cell("s0", 0, p=11)], tmp_path, workers=1, progress=False, changed="rerun")
+    assert not changed[0].skipped  # same name, another config, asked for: run again
     relogged = run_grid([cell("s0", 0, p=11, wandb_mode="offline")], tmp_path, workers=1, progress=False)
     assert relogged[0].skipped  # only where it logs changed: the run is the same
 

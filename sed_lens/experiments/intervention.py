@@ -25,10 +25,10 @@ from typing import Any
 
 from sed_lens import plots
 from sed_lens.cli import config_from_args, config_from_dict, csv, parser_for, run_cli
-from sed_lens.errors import SedLensError, check
+from sed_lens.errors import check
 from sed_lens.experiments import grokking
 from sed_lens.experiments.grokking import GrokkingConfig
-from sed_lens.grid import BACKENDS, Cell, is_complete, load_cell, raise_failures, run_grid, same_config
+from sed_lens.grid import BACKENDS, Cell, raise_failures, run_grid
 from sed_lens.hooks.interventions import APPLY_TO, SubspaceProjection
 from sed_lens.models import INITS, PRESETS, get_preset
 from sed_lens.tasks import ModularArithmetic
@@ -165,16 +165,6 @@ def grid_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     return {**result.summary(), "condition": config["condition"], "intervention": projection.describe()}
 
 
-def check_existing(cell_list: Sequence[Cell], root: Path) -> None:
-    """Refuse to reuse finished runs of ``root`` that were made with other settings."""
-    for c in cell_list:
-        if is_complete(root / c.name):
-            saved = load_cell(root / c.name)["config"]
-            if not same_config(saved, c.config):
-                raise SedLensError(f"{root / c.name} holds a finished run with other settings; "
-                                   "choose another --out or delete that run.")
-
-
 # --- aggregation ------------------------------------------------------------------------------------------
 def aggregate(runs: Sequence[Mapping[str, Any]], conditions: Sequence[str], control: str = "A") -> dict[str, Any]:
     """Per-condition statistics of the grok steps of ``runs`` (``{"condition", "seed", "grok_step", "steps"}``).
@@ -296,7 +286,6 @@ def run(cfg: InterventionConfig) -> dict[str, Any]:
     cfg.validate()
     out = cfg.out_dir
     cell_list = cells(cfg)
-    check_existing(cell_list, out)
     results = run_grid(cell_list, out, backend=cfg.backend, workers=cfg.workers, threads=1,
                        ray_address=cfg.ray_address, progress=cfg.progress, desc=f"intervention {cfg.op} {cfg.method}")
     raise_failures(results)
