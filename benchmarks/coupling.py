@@ -1,7 +1,7 @@
 """Coupling per snapshot: exact JVP (and HVP) vs the paper's finite differences, same work.
 
 ``python -m benchmarks.coupling`` measures, on the paper's model (p 97) at a trained-ish state, the centroid
-response of 23 directions (3 SED-like + 20 random) over 1024 probes — one snapshot of the paper's protocol — by
+response of 23 directions (random ones: the cost does not depend on which) over 1024 probes — one snapshot of the paper's protocol — by
 ``method="jvp"`` (forward-over-reverse, vmap chunks of 4 and 8), ``method="hvp"`` (reverse-over-reverse) and
 ``method="fd"`` (central difference, ε_rel 0.005), round-robin in one process, and reports their agreement.
 """

@@ -17,15 +17,13 @@ from pathlib import Path
 from benchmarks.common import machine
 
 SECTIONS = [
-    ("Training step: sed_lens vs a bare PyTorch loop", "benchmarks.train_step", [], ["--reps", "2", "--inner", "5"]),
-    ("Live SED capture: per-op gradient options and training overhead", "benchmarks.capture", [], ["--reps", "2"]),
-    ("Rank-3 projection of the attention gradient: per-step overhead", "benchmarks.intervention", [],
-     ["--reps", "10"]),
-    ("Rolling SED: incremental Gram vs full SVD vs randomized SVD", "benchmarks.sed", [], ["--reps", "2"]),
-    ("Coupling per snapshot: exact JVP / HVP vs finite differences", "benchmarks.coupling", [],
+    ("Training step: sed_lens vs a bare PyTorch loop", "benchmarks.train_step", ["--reps", "2", "--inner", "5"]),
+    ("Live SED capture: per-op gradient options and training overhead", "benchmarks.capture", ["--reps", "2"]),
+    ("Rank-3 projection of the attention gradient: per-step overhead", "benchmarks.intervention", ["--reps", "10"]),
+    ("Rolling SED: incremental Gram vs full SVD vs randomized SVD", "benchmarks.sed", ["--reps", "2"]),
+    ("Coupling per snapshot: exact JVP / HVP vs finite differences", "benchmarks.coupling",
      ["--reps", "1", "--train-steps", "50"]),
-    ("Memory: an 8,000-step streaming run vs a checkpoint every 25 steps", "benchmarks.memory", [],
-     ["--steps", "1000"]),
+    ("Memory: an 8,000-step streaming run vs a checkpoint every 25 steps", "benchmarks.memory", ["--steps", "1000"]),
 ]
 
 
@@ -39,10 +37,13 @@ def main() -> None:
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {machine()}.", "",
              "Every table is one benchmark process; ratios compare variants measured round-robin in that process.",
              ""]
-    for title, module, full, quick in SECTIONS:
+    failed = []
+    for title, module, quick in SECTIONS:
         t = time.perf_counter()
-        cmd = [sys.executable, "-m", module, *(quick if args.quick else full)]
+        cmd = [sys.executable, "-m", module, *(quick if args.quick else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            failed.append(module)
         dt = time.perf_counter() - t
         body = proc.stdout.strip() if proc.returncode == 0 else f"FAILED ({proc.returncode}):\n```\n{proc.stderr[-2000:]}\n```"
         body = "\n".join(line for line in body.splitlines() if not line.startswith("machine:"))
@@ -51,6 +52,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(parts) + "\n")
     print(f"wrote {args.out}")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (see {args.out})")
 
 
 if __name__ == "__main__":

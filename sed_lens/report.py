@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import re
 import shutil
 import sys
@@ -163,14 +164,17 @@ def json_has(path: Path, key: str) -> bool:
 
 
 def fmt(x: Any, digits: int = 3) -> str:
-    """A number for a table: ``None``/NaN → "—", floats to ``digits`` significant digits (at least integers)."""
+    """A number for a table: ``None``/NaN → "—", floats below 10 to ``digits`` decimals (``digits`` significant
+    digits when that would round a nonzero value to 0), larger ones to one decimal."""
     if x is None:
         return "—"
-    if isinstance(x, bool) or isinstance(x, int):
+    if isinstance(x, int):
         return str(x)
     if isinstance(x, float):
-        if x != x or x in (float("inf"), float("-inf")):
+        if not math.isfinite(x):
             return "—"
+        if x != 0 and abs(x) < 10 ** -digits:
+            return f"{x:.{digits}g}"
         return f"{x:.{digits}f}" if abs(x) < 10 else f"{x:.1f}"
     return str(x)
 

@@ -191,7 +191,7 @@ def test_cli_errors_are_one_line_and_exit_2(case, match, runs, tmp_path, capsys)
     argv = ([] if case == "no-run-dir" else [str(run_dir)]) + ["--out", str(out), *extra]
     code, _, err = call(argv, capsys)
     assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "rep").exists()  # nothing is written for a bad input
+    assert not out.exists()  # nothing is written for a bad input
 
 
 def test_a_new_kind_of_directory_is_one_function(tmp_path):
@@ -256,3 +256,9 @@ def test_sed_spectra_plots_every_stream_and_refuses_metrics_without_sed(tmp_path
     assert path.is_file() and path.stat().st_size > 10_000
     with pytest.raises(SedLensError, match="train with --sed"):
         plots.sed_spectra([{"step": 0, "test/acc/add": 1.0}], tmp_path / "x.png")
+
+
+def test_fmt_never_rounds_a_small_value_to_zero():
+    assert report.fmt(1.23e-5, 4) == "1.23e-05" and report.fmt(0.5) == "0.500" and report.fmt(0.0) == "0.000"
+    assert report.fmt(123.456) == "123.5" and report.fmt(7) == "7" and report.fmt(True) == "True"
+    assert report.fmt(float("nan")) == "—" and report.fmt(None) == "—" and report.fmt(float("inf")) == "—"

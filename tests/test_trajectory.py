@@ -29,8 +29,17 @@ def run():
 
 
 def test_snapshot_indices_are_the_papers_linspace():
-    assert snapshot_indices(150, 40) == sorted(set(np.linspace(0, 149, 40, dtype=int).tolist()))
+    assert snapshot_indices(10, 4) == [0, 3, 6, 9]
+    idx = snapshot_indices(150, 40)  # 149/39 = 3.82 apart, truncated
+    assert len(idx) == 40 and idx[:4] == [0, 3, 7, 11] and idx[-1] == 149
     assert snapshot_indices(5, 40) == [0, 1, 2, 3, 4]
+
+
+def test_scan_config_rejects_a_bad_method_or_readout_before_any_work():
+    with pytest.raises(SedLensError, match="unknown coupling method 'hvpp'"):
+        ScanConfig(method="hvpp").validate()
+    with pytest.raises(SedLensError, match="unknown centroid readout"):
+        ScanConfig(readout="logits").validate()
 
 
 def test_scan_bases_match_numpy_svd_of_the_streams(run, tmp_path):

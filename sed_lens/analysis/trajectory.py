@@ -29,11 +29,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from sed_lens.analysis.centroids import DEFAULT_SITE
-from sed_lens.analysis.coupling import centroid_response, perturbation_scale, ratios
+from sed_lens.analysis.centroids import DEFAULT_SITE, READOUTS
+from sed_lens.analysis.coupling import METHODS, centroid_response, perturbation_scale, ratios
 from sed_lens.analysis.sed import ALIGNMENTS, SEDBasis, sed_over_sequence
 from sed_lens.errors import check
-from sed_lens.hooks.capture import capture_offline, gradient_batch
+from sed_lens.hooks.capture import SOURCES, capture_offline, gradient_batch
 from sed_lens.models import model_spec
 from sed_lens.subspace import ParamSubspace
 from sed_lens.tasks import ModularArithmetic
@@ -59,10 +59,10 @@ class ScanConfig:
     random_seed: int = field(default=1, metadata={"help": "seed of the random directions"})
     method: str = field(default="hvp", metadata={
         "help": "centroid response: hvp or jvp (exact, same value; hvp is the faster here) or fd (the paper's finite "
-                "difference)", "choices": ("hvp", "jvp", "fd")})
+                "difference)", "choices": METHODS})
     eps_rel: float = field(default=0.005, metadata={"help": "finite-difference ε relative to the subspace's weight norm"})
     site: str = field(default=DEFAULT_SITE, metadata={"help": "centroid site (TransformerLens hook name)"})
-    readout: str = field(default="correct_logit", metadata={"help": "centroid readout", "choices": ("correct_logit", "logit_sum")})
+    readout: str = field(default="correct_logit", metadata={"help": "centroid readout", "choices": READOUTS})
     grad_batch_size: int = field(default=512, metadata={"help": "pairs in the fixed gradient batch"})
     grad_batch_seed: int = field(default=0, metadata={"help": "seed of the fixed gradient batch"})
     grad_batch_split: str = field(default="all", metadata={
@@ -73,13 +73,15 @@ class ScanConfig:
         "help": "finite-difference ε ablation on the gradient stream, e.g. 0.001,0.005,0.05", "cli": False})
     chunk_size: int = field(default=8, metadata={"help": "directions per vectorised JVP"})
 
-    def validate(self, n_ops: int = 1) -> None:
+    def validate(self) -> None:
         check(self.n_snapshots >= 1, f"n_snapshots must be at least 1, got {self.n_snapshots}.")
         check(1 <= self.k <= self.window, f"need 1 <= k <= window, got k={self.k}, window={self.window}.")
         bad = [a for a in self.aligns if a not in ALIGNMENTS]
         check(not bad and len(self.aligns) > 0, f"unknown window alignment {', '.join(bad) or '(none)'}.")
-        bad = [s for s in self.sources if s not in ("update", "gradient", "task_gradient")]
+        bad = [s for s in self.sources if s not in SOURCES]
         check(not bad and len(self.sources) > 0, f"unknown SED source {', '.join(bad) or '(none)'}.")
+        check(self.method in METHODS, f"unknown coupling method {self.method!r}; choose {', '.join(METHODS)}.")
+        check(self.readout in READOUTS, f"unknown centroid readout {self.readout!r}; choose {', '.join(READOUTS)}.")
         check(self.n_random >= 1, f"n_random must be at least 1, got {self.n_random}.")
         check(self.eps_rel > 0, f"eps_rel must be positive, got {self.eps_rel}.")
         check(all(w >= 1 for w in self.ablation_windows), "ablation windows must be positive.")
@@ -119,7 +121,7 @@ def scan_coupling(model: HookedTransformer, task: ModularArithmetic, snapshots: 
     :func:`save_bases`).
     """
     cfg = cfg or ScanConfig()
-    cfg.validate(len(task.ops))
+    cfg.validate()
     subspace = subspace or ParamSubspace.attention(model)
     snaps = list(snapshots)
     check(len(snaps) >= 2, f"a coupling scan needs at least 2 snapshots, got {len(snaps)}.")
@@ -203,8 +205,6 @@ def summarize(rows: Sequence[dict[str, Any]], ops: Sequence[str]) -> dict[str, A
         out[op] = {}
         for k in keys:
             series = [(r["step"], r["ops"][op][k]) for r in rows if k in r["ops"][op]]
-            if not series:
-                continue
             means = [s["R_mean"] for _, s in series]
             r1 = [s["R"][0] for _, s in series]
             ip, i1 = int(np.argmax(means)), int(np.argmax(r1))
