@@ -25,6 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sed_lens.analysis.trajectory import split_key
 from sed_lens.errors import check
 from sed_lens.tracking import atomic_write_bytes
 
@@ -139,8 +140,8 @@ ALIGN_STYLES = {"leading": "-", "trailing": "--"}
 
 def _stream_of(key: str) -> tuple[str, str]:
     """``"task_gradient/add/leading"`` → (``"task_gradient"``, ``"leading"``)."""
-    parts = key.split("/")
-    return parts[0], parts[-1] if parts[-1] in ALIGN_STYLES else parts[-2]
+    stream, align, _ = split_key(key)
+    return stream.split("/")[0], align
 
 
 def series(coupling: Mapping[str, Any], op: str, key: str, value: str = "R_mean") -> tuple[list[int], list[float]]:
@@ -175,7 +176,7 @@ def grokking_curves(history: Sequence[Mapping[str, Any]], ops: Sequence[str], pa
 def coupling_trajectory(coupling: Mapping[str, Any], history: Sequence[Mapping[str, Any]], op: str, path: str | Path,
                         keys: Sequence[str] | None = None, title: str | None = None) -> Path:
     """One run: accuracy (top) and R̄ of every SED stream over training (bottom, log scale; R̄ = 1 dotted)."""
-    keys = keys or sorted(k for k in coupling["summary"][op] if "/W=" not in k and "fd_eps" not in k)
+    keys = keys or sorted(k for k in coupling["summary"][op] if not split_key(k)[2])
     fig = Figure(figsize=(7.5, 6), layout="constrained")
     FigureCanvasAgg(fig)
     a0, a1 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1, 2]})

@@ -218,7 +218,7 @@ def metric_plots(keys: set[str]) -> list[LinePanel]:
 
 def coupling_plots(ops_keys: Mapping[str, Sequence[str]]) -> list[LinePanel]:
     """Per op, R̄ of its SED streams over the training step of the measured snapshots (as coupling runs log it)."""
-    from sed_lens.experiments.coupling import split_key
+    from sed_lens.analysis.trajectory import split_key
 
     return [LinePanel(f"coupling R̄, {op}", [f"coupling/{op}/{k}/R_mean" for k in keys if not split_key(k)[2]],
                       log_y=True, x="coupling/step") for op, keys in ops_keys.items()]

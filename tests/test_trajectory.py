@@ -143,3 +143,16 @@ def test_coupling_from_an_existing_grokking_run(tmp_path, capsys):
 def test_coupling_cli_errors(argv, match, capsys, tmp_path):
     code, _, err = call(coupling_exp.main, [*argv, "--out", str(tmp_path)], capsys)
     assert code == 2 and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_snapshot_directory_loads_back_as_the_store_that_wrote_it(tmp_path):
+    task = ModularArithmetic(p=7, ops=("add",), seed=0)
+    model = build_model("xu2026", task, seed=0)
+    written = SnapshotStore(every=3, directory=tmp_path / "snaps")
+    Trainer(model, task, TrainConfig(steps=7, eval_every=7, checkpoint_every=0), [written], progress=False).fit()
+    loaded = SnapshotStore.load(tmp_path / "snaps", every=3)
+    assert loaded.steps == written.steps == [0, 3, 6]
+    for (s1, a), (s2, b) in zip(written, loaded, strict=True):
+        assert s1 == s2 and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SedLensError, match="no saved snapshots"):
+        SnapshotStore.load(tmp_path, every=3)

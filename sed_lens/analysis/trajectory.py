@@ -88,6 +88,15 @@ class ScanConfig:
         check(all(e > 0 for e in self.ablation_eps), "ablation ε values must be positive.")
 
 
+def split_key(key: str) -> tuple[str, str, str]:
+    """A measured key of :func:`scan_coupling` as (stream, alignment, variant):
+    ``"task_gradient/add/leading/W=5"`` → (``"task_gradient/add"``, ``"leading"``, ``"W=5"``); the variant is ""
+    for the main measurement and names an ablation (``W=…``, ``fd_eps=…``) otherwise."""
+    parts = key.split("/")
+    n = 2 if parts[0] == "task_gradient" else 1
+    return "/".join(parts[:n]), parts[n] if len(parts) > n else "", "/".join(parts[n + 1:])
+
+
 def snapshot_indices(n: int, count: int) -> list[int]:
     """``count`` evenly spaced snapshot indices of ``n`` (``np.linspace(0, n-1, count, dtype=int)``, deduplicated)."""
     return sorted(set(np.linspace(0, n - 1, min(count, n), dtype=int).tolist()))

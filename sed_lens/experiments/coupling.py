@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from sed_lens import plots
-from sed_lens.analysis.trajectory import ScanConfig, save_bases, scan_coupling
+from sed_lens.analysis.trajectory import ScanConfig, save_bases, scan_coupling, split_key
 from sed_lens.cli import config_from_args, config_from_dict, parser_for, run_cli
 from sed_lens.errors import check
 from sed_lens.experiments.grokking import GrokkingConfig, build, open_run, train
@@ -140,13 +140,6 @@ def log_run(tracker: Run, out: dict[str, Any], figs: dict[str, Path], seed: int)
                          {"measured": out["measured"], "summary": out["summary"]})
 
 
-def split_key(key: str) -> tuple[str, str, str]:
-    """``"task_gradient/add/leading/W=5"`` → (``"task_gradient/add"``, ``"leading"``, ``"W=5"``)."""
-    parts = key.split("/")
-    n = 2 if parts[0] == "task_gradient" else 1
-    return "/".join(parts[:n]), parts[n] if len(parts) > n else "", "/".join(parts[n + 1:])
-
-
 def coupling_table(coupling: dict[str, Any], seed: int) -> tuple[list[str], list[list[Any]]]:
     """Every R of one run's ``coupling.json`` as table rows, one per (snapshot, op, key): op, seed, step, key,
     source, align, variant (ablation), R_1..R_k (None where a key has fewer directions), R̄ and the median
@@ -195,8 +188,7 @@ def analyse_existing(cfg: CouplingConfig) -> dict[str, Any]:
     saved = json.loads((src / "config.json").read_text())
     gcfg = config_from_dict(GrokkingConfig, {k: v for k, v in saved.items() if k != "experiment"})
     task, model = build(gcfg)
-    store = SnapshotStore(gcfg.snapshot_every, snap_dir)
-    store.steps = sorted(int(p.stem.split("_")[1]) for p in snap_dir.glob("step_*.pt"))
+    store = SnapshotStore.load(snap_dir, gcfg.snapshot_every)
     out_dir = Path(cfg.out) / f"from-{src.name}"
     scan = replace(cfg.scan, n_snapshots=cfg.multitask_snapshots if task.multitask else cfg.scan.n_snapshots)
     out = scan_coupling(model, task, store, scan, artifacts=out_dir / "artifacts" if cfg.artifacts else None,

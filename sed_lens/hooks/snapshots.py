@@ -32,6 +32,14 @@ class SnapshotStore(Callback):
         self.steps: list[int] = []
         self._states: list[State] = []
 
+    @classmethod
+    def load(cls, directory: str | Path, every: int) -> SnapshotStore:
+        """The store a finished run wrote to ``directory`` (its ``step_XXXXXX.pt`` files, in step order)."""
+        store = cls(every, directory)
+        store.steps = sorted(int(p.stem.split("_")[1]) for p in Path(directory).glob("step_*.pt"))
+        check(len(store.steps) > 0, f"{directory} holds no saved snapshots (step_XXXXXX.pt).")
+        return store
+
     def on_train_start(self, trainer: Trainer) -> None:
         if trainer.step == 0 and not self.steps:
             self.take(trainer)
