@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import interleaved, machine
+from sed_lens.cli import ArgumentParser
 from sed_lens.hooks.capture import GradientCapture, gradient_batch, task_gradients
 from sed_lens.models import build_model, readout_logits, split_logits
 from sed_lens.subspace import ParamSubspace
@@ -80,7 +81,7 @@ def capture_overhead(ops: tuple[str, ...], reps: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     print(f"machine: {machine()}\n")

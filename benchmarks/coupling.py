@@ -15,6 +15,7 @@ import torch
 
 from benchmarks.common import interleaved, machine
 from sed_lens.analysis.coupling import centroid_response
+from sed_lens.cli import ArgumentParser
 from sed_lens.models import build_model
 from sed_lens.subspace import ParamSubspace
 from sed_lens.tasks import ModularArithmetic
@@ -22,7 +23,7 @@ from sed_lens.training import TrainConfig, Trainer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=300, help="train a little first, so the state is not the init")
     args = ap.parse_args()

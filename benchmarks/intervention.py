@@ -25,6 +25,7 @@ import functools
 import torch
 
 from benchmarks.common import interleaved, machine
+from sed_lens.cli import ArgumentParser
 from sed_lens.hooks.interventions import SubspaceProjection
 from sed_lens.models import build_model
 from sed_lens.subspace import ParamSubspace
@@ -46,7 +47,7 @@ LABELS = {"control": "control (no projection)", "control2": "control, a second c
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=60, help="rounds over the variants (one step each)")
     ap.add_argument("--inner", type=int, default=1, help="steps per variant per round")
     ap.add_argument("--threads", type=int, default=1)

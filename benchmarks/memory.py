@@ -15,6 +15,7 @@ import time
 import psutil
 
 from benchmarks.common import machine
+from sed_lens.cli import ArgumentParser
 from sed_lens.hooks.capture import GradientCapture
 from sed_lens.models import build_model
 from sed_lens.tasks import ModularArithmetic
@@ -32,7 +33,7 @@ class RSS(Callback):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8000)
     ap.add_argument("--ops", default="add")
     args = ap.parse_args()

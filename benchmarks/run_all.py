@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import machine
+from sed_lens.cli import ArgumentParser
 
 SECTIONS = [
     ("Training step: sed_lens vs a bare PyTorch loop", "benchmarks.train_step", ["--reps", "2", "--inner", "5"]),
@@ -28,7 +29,7 @@ SECTIONS = [
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/BENCHMARKS.md")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()

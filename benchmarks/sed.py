@@ -15,10 +15,11 @@ import torch
 
 from benchmarks.common import interleaved, machine
 from sed_lens.analysis.sed import RollingSED
+from sed_lens.cli import ArgumentParser
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--window", type=int, default=20)
     ap.add_argument("--dim", type=int, default=131_072)
     ap.add_argument("--k", type=int, default=3)

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import interleaved, machine
+from sed_lens.cli import ArgumentParser
 from sed_lens.models import build_model, torch_reference
 from sed_lens.tasks import ModularArithmetic
 from sed_lens.training import TrainConfig, Trainer, evaluate, make_optimizer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--inner", type=int, default=20)
     args = ap.parse_args()
