@@ -131,13 +131,16 @@ def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
 
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None,
             prog: str = "sed_lens") -> int:
-    """Run ``main(argv)``; a :class:`SedLensError` becomes one line on stderr and exit status 2."""
+    """Run ``main(argv)``; a :class:`SedLensError` becomes one line on stderr and exit status 2. Training
+    stopped by SIGINT or SIGTERM (:class:`sed_lens.training.TrainingInterrupted`) prints one line — step,
+    checkpoint, resume command — and exits 130 or 143."""
     try:
         main(argv)
     except SedLensError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        describe = getattr(e, "describe", None)  # TrainingInterrupted, without importing torch here
+        print(f"{prog}: interrupted" + (f" by {describe()}" if callable(describe) else ""), file=sys.stderr)
+        return int(getattr(e, "exit_code", 130))
     return 0

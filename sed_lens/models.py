@@ -19,44 +19,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from sed_lens.configs import INITS, PRESETS, Preset, get_preset  # noqa: F401 - defined torch-free for the CLIs
 from sed_lens.errors import SedLensError, check
 from sed_lens.tasks import ModularArithmetic
 from sed_lens.torch_reference import TorchTransformer, hooked_state_dict
-
-INITS = ("torch", "tl")
-
-
-@dataclass(frozen=True)
-class Preset:
-    """An architecture and the token layout / readout it expects."""
-
-    name: str
-    n_layers: int
-    d_model: int
-    n_heads: int
-    d_head: int
-    d_mlp: int
-    act_fn: str
-    layer_norm: bool
-    attention_dir: str  # "bidirectional" | "causal"
-    layout: str  # token layout of the task, see sed_lens.tasks.LAYOUTS
-    readout_position: int
-    default_init: str
-    description: str
-
-
-PRESETS: dict[str, Preset] = {
-    "xu2026": Preset("xu2026", 2, 128, 4, 32, 256, "gelu", True, "bidirectional", "ab", 0, "torch",
-                     "Xu (2026): 2-layer pre-norm encoder, GELU, bidirectional, inputs [a, b], readout at position 0"),
-    "nanda2023": Preset("nanda2023", 1, 128, 4, 32, 512, "relu", False, "causal", "ab=", -1, "tl",
-                        "Nanda et al. (2023): 1 layer, ReLU, no LayerNorm, causal, inputs [a, b, =], readout at '='"),
-}
-
-
-def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise SedLensError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}.")
-    return PRESETS[name]
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,19 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 Curve = tuple[Sequence[float], Sequence[float]]  # (x values, y values)
 
 
+class InlineFigure(Figure):
+    """A ``Figure`` that Jupyter displays inline (``_repr_png_``) without pyplot or ``%matplotlib inline``."""
+
+    def _repr_png_(self) -> bytes:
+        import io
+
+        if self.canvas is None or not isinstance(self.canvas, FigureCanvasAgg):
+            FigureCanvasAgg(self)
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=100)
+        return buf.getvalue()
+
+
 def color(i: int) -> str:
     """The i-th colour of the palette (cycling)."""
     return PALETTE[i % len(PALETTE)]
@@ -42,7 +55,7 @@ def color(i: int) -> str:
 
 def new_figure(title: str, xlabel: str, ylabel: str, size: tuple[float, float] = (7.0, 4.5)) -> tuple[Figure, Axes]:
     """A figure with one titled, labelled axes (constrained layout, light grid)."""
-    fig = Figure(figsize=size, layout="constrained")
+    fig = InlineFigure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.set_title(title)
@@ -155,29 +168,82 @@ def series(coupling: Mapping[str, Any], op: str, key: str, value: str = "R_mean"
     return xs, ys
 
 
-def grokking_curves(history: Sequence[Mapping[str, Any]], ops: Sequence[str], path: str | Path,
-                    grok_step: Mapping[str, int | None] | None = None, title: str = "Grokking") -> Path:
-    """Train and test accuracy per op against the step, with the grok step marked."""
-    fig, ax = new_figure(title, "step", "accuracy", (7, 3.6))
-    steps = [r["step"] for r in history]
+def grokking_figure(history: Sequence[Mapping[str, Any]], ops: Sequence[str],
+                    grok_step: Mapping[str, int | None] | None = None, title: str = "Grokking",
+                    log_steps: bool = False) -> Figure:
+    """Train and test accuracy (top) and loss (bottom, log scale) per op against the step, the grok step marked
+    on both; the legend sits outside the axes. ``log_steps``: a logarithmic step axis (step 0 is left out)."""
+    fig = InlineFigure(figsize=(8, 5.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    a_acc, a_loss = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1.1, 1]})
+    rows = [r for r in history if not log_steps or r["step"] > 0]
+    steps = [r["step"] for r in rows]
     for i, op in enumerate(ops):
         c = f"C{i}"
-        ax.plot(steps, [r.get(f"train/acc/{op}", np.nan) for r in history], color=c, ls="--", lw=1, label=f"{op} train")
-        ax.plot(steps, [r.get(f"test/acc/{op}", np.nan) for r in history], color=c, lw=1.6, label=f"{op} test")
+        for ax, kind in ((a_acc, "acc"), (a_loss, "loss")):
+            ax.plot(steps, [r.get(f"train/{kind}/{op}", np.nan) for r in rows], color=c, ls="--", lw=1, label=f"{op} train")
+            ax.plot(steps, [r.get(f"test/{kind}/{op}", np.nan) for r in rows], color=c, lw=1.6, label=f"{op} test")
         g = (grok_step or {}).get(op)
-        if g is not None:
-            ax.axvline(g, color=c, ls=":", lw=1)
-            ax.annotate(f"grok {g}", (g, 0.5), xytext=(4, 0), textcoords="offset points", color=c, fontsize=8)
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8, ncol=2, loc="center right")
-    return save_figure(fig, path)
+        if g is not None and (g > 0 or not log_steps):
+            for ax in (a_acc, a_loss):
+                ax.axvline(g, color=c, ls=":", lw=1)
+            a_acc.annotate(f"grok {g}", (g, 0.5), xytext=(4, 0), textcoords="offset points", color=c, fontsize=8,
+                           va="center")
+    a_acc.set_ylim(-0.02, 1.02)
+    a_acc.set_ylabel("accuracy")
+    a_loss.set_ylabel("cross-entropy loss")
+    a_loss.set_yscale("log")
+    a_loss.set_xlabel("step" + (" (log scale)" if log_steps else ""))
+    if log_steps:
+        a_loss.set_xscale("log")
+    for ax in (a_acc, a_loss):
+        ax.grid(True, alpha=0.3, linewidth=0.6)
+        plain_log_ticks(ax)
+    a_acc.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    a_acc.set_title(title)
+    return fig
+
+
+def grokking_curves(history: Sequence[Mapping[str, Any]], ops: Sequence[str], path: str | Path,
+                    grok_step: Mapping[str, int | None] | None = None, title: str = "Grokking",
+                    log_steps: bool = False) -> Path:
+    """:func:`grokking_figure` written to ``path``."""
+    return save_figure(grokking_figure(history, ops, grok_step, title, log_steps), path)
+
+
+def plain_log_ticks(ax: Axes) -> None:
+    """Plain numbers (0.01, 2, 300) instead of ``4 × 10⁰`` on the log-scaled axes of ``ax``; minor ticks are
+    labelled only where an axis spans less than about two decades."""
+    from matplotlib import ticker
+
+    def fmt(v: float, _: Any = None) -> str:
+        return f"{v:g}" if 1e-4 <= abs(v) < 1e6 or v == 0 else f"{v:.0e}"
+
+    def minor(axis: Any) -> Any:
+        def label(v: float, _: Any = None) -> str:  # decided when drawn, on the final limits
+            lo, hi = sorted(axis.get_view_interval())
+            narrow = lo > 0 and math.log10(hi / lo) < 1.8
+            return fmt(v) if narrow and _mantissa(v) in (2, 5) else ""
+
+        return ticker.FuncFormatter(label)
+
+    for axis in (ax.xaxis, ax.yaxis):
+        if axis.get_scale() != "log":
+            continue
+        axis.set_major_formatter(ticker.FuncFormatter(fmt))
+        axis.set_minor_formatter(minor(axis))
+
+
+def _mantissa(v: float) -> int:
+    """The leading digit of ``v`` (2 for 0.02, 200, 2.5e3)."""
+    return int(f"{abs(v):.6e}"[0]) if v else 0
 
 
 def coupling_trajectory(coupling: Mapping[str, Any], history: Sequence[Mapping[str, Any]], op: str, path: str | Path,
                         keys: Sequence[str] | None = None, title: str | None = None) -> Path:
     """One run: accuracy (top) and R̄ of every SED stream over training (bottom, log scale; R̄ = 1 dotted)."""
     keys = keys or sorted(k for k in coupling["summary"][op] if not split_key(k)[2])
-    fig = Figure(figsize=(7.5, 6), layout="constrained")
+    fig = InlineFigure(figsize=(7.5, 6), layout="constrained")
     FigureCanvasAgg(fig)
     a0, a1 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1, 2]})
     steps = [r["step"] for r in history]
@@ -192,6 +258,7 @@ def coupling_trajectory(coupling: Mapping[str, Any], history: Sequence[Mapping[s
                 label=f"{src} SED ({align})")
     a1.axhline(1.0, color="gray", ls=":", lw=1)
     a1.set_yscale("log")
+    plain_log_ticks(a1)
     a1.set_xlabel("step")
     a1.set_ylabel("R̄ (SED vs random, centroid response)")
     a1.legend(fontsize=8)
@@ -205,7 +272,7 @@ def coupling_panels(runs: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]],
     panels = list(runs)
     cols = min(4, len(panels))
     rows = int(np.ceil(len(panels) / cols))
-    fig = Figure(figsize=(max(4.2 * cols, 7.0), 3.4 * rows + 0.4), layout="constrained")
+    fig = InlineFigure(figsize=(max(4.2 * cols, 7.0), 3.4 * rows + 0.4), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
     for ax, panel in zip(axes.flat, panels, strict=False):
@@ -220,6 +287,7 @@ def coupling_panels(runs: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]],
                             alpha=0.85, label=f"{src} ({align})" if label == runs[panel][0][0] else None)
         ax.axhline(1.0, color="gray", ls=":", lw=1)
         ax.set_yscale("log")
+        plain_log_ticks(ax)
         ax.set_title(panel)
         ax.set_xlabel("step")
     for ax in axes[:, 0]:
@@ -244,6 +312,7 @@ def ablation(xs: Sequence[float], ours: Sequence[float], path: str | Path, xlabe
     if logx:
         ax.set_xscale("log")
     ax.set_yscale("log")
+    plain_log_ticks(ax)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
@@ -262,16 +331,24 @@ def sed_streams(history: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, lis
     return {s: {k: sorted(v) for k, v in d.items()} for s, d in sorted(found.items())}
 
 
-def sed_spectra(history: Sequence[Mapping[str, Any]], path: str | Path, title: str = "SED spectra over training") -> Path:
+def sed_spectra(history: Sequence[Mapping[str, Any]], path: str | Path, title: str = "SED spectra over training",
+                window: int | None = None, k: int | None = None) -> Path:
+    """:func:`sed_spectra_figure` written to ``path``."""
+    return save_figure(sed_spectra_figure(history, title, window, k), path)
+
+
+def sed_spectra_figure(history: Sequence[Mapping[str, Any]], title: str = "SED spectra over training",
+                       window: int | None = None, k: int | None = None) -> Figure:
     """Per SED stream (columns): singular values σ_j (top), gaps σ_j/σ_{j+1} (middle) and, where logged, the
-    overlap of consecutive bases (bottom) against the step, from the ``sed/*`` keys of ``metrics.jsonl`` rows."""
+    overlap of consecutive bases (bottom) against the step, from the ``sed/*`` keys of ``metrics.jsonl`` rows.
+    ``window``, ``k``: the SED window W and k, named in the title."""
     from sed_lens.errors import check
 
     streams = sed_streams(history)
     check(bool(streams), "these metrics hold no sed/STREAM/sigma_j keys; train with --sed to record SED spectra.")
     has_overlap = any(f"sed/{s}/overlap" in r for s in streams for r in history)
     n_rows = 3 if has_overlap else 2
-    fig = Figure(figsize=(max(4.0 * len(streams), 6.0), 2.8 * n_rows + 0.5), layout="constrained")
+    fig = InlineFigure(figsize=(max(4.0 * len(streams), 6.0), 2.8 * n_rows + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(n_rows, len(streams), squeeze=False, sharex=True)
 
@@ -295,8 +372,9 @@ def sed_spectra(history: Sequence[Mapping[str, Any]], path: str | Path, title: s
         ax_g.axhline(1.0, color="gray", ls=":", lw=1)
         ax_s.set_title(f"{stream} SED")
         for ax in (ax_s, ax_g):
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7, ncol=2)
+            plain_log_ticks(ax)
+            if c == len(streams) - 1 and ax.get_legend_handles_labels()[0]:  # one legend per row, outside
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
         if has_overlap:
             ax_o = axes[2, c]
             ax_o.plot(*line(f"sed/{stream}/overlap", log=False), color="tab:gray", lw=1.3)
@@ -306,5 +384,72 @@ def sed_spectra(history: Sequence[Mapping[str, Any]], path: str | Path, title: s
     axes[1, 0].set_ylabel(r"gap $\sigma_j / \sigma_{j+1}$")
     if has_overlap:
         axes[2, 0].set_ylabel("overlap with the\nprevious basis (mean cos²)")
+    if window is not None or k is not None:
+        title += " — " + ", ".join(x for x in (f"window W = {window}" if window is not None else "",
+                                                f"k = {k}" if k is not None else "") if x)
     fig.suptitle(title, fontsize=11)
-    return save_figure(fig, path)
+    return fig
+
+
+def final_coupling_figure(final: Mapping[str, Any], title: str = "Coupling of the final SED bases") -> Figure:
+    """Bars of R_1..R_k and R̄ per SED stream (and op) of a run's ``final_coupling`` (``summary.json``), log
+    scale, with R = 1 (a random direction) dotted."""
+    labels: list[str] = []
+    values: list[float | None] = []
+    colors: list[str] = []
+    multi = len(final["ops"]) > 1
+    for op, per in final["ops"].items():
+        for stream, r in per.items():
+            if not isinstance(r, Mapping):
+                continue
+            src = stream.split("/")[0]
+            c = SOURCE_COLORS.get(src, "tab:purple")
+            name = f"{stream}" + (f" ({op})" if multi and not stream.startswith("task_gradient/") else "")
+            for j, v in enumerate(r["R"], 1):
+                labels.append(f"{name}\nR{j}")
+                values.append(v if v > 0 else None)
+                colors.append(c)
+            labels.append(f"{name}\nR̄")
+            values.append(r["R_mean"] if r["R_mean"] > 0 else None)
+            colors.append(c)
+    check(len(labels) > 0, "final_coupling holds no measured stream.")
+    fig = bar_chart(labels, values, title, "R = A(v) / median A(random)", baseline=1.0, value_format="{:.1f}",
+                    colors=colors, size=(max(6.0, 0.55 * len(labels) + 2), 4.2))
+    ax = fig.axes[0]
+    ax.set_yscale("log")
+    ax.tick_params(axis="x", labelsize=7)
+    ratio = final.get("gradient_update_ratio") or {}
+    if ratio:
+        ax.text(0.01, 0.98, "gradient / update R̄: " + ", ".join(f"{v:.2f}" + (f" ({op})" if multi else "")
+                                                               for op, v in ratio.items()),
+                transform=ax.transAxes, va="top", fontsize=8)
+    plain_log_ticks(ax)
+    return fig
+
+
+def final_coupling(final: Mapping[str, Any], path: str | Path, title: str = "Coupling of the final SED bases") -> Path:
+    """:func:`final_coupling_figure` written to ``path`` (the grokking run's ``coupling.png``)."""
+    return save_figure(final_coupling_figure(final, title), path)
+
+
+def plot_run(run_dir: str | Path, log_steps: bool = False) -> dict[str, Figure]:
+    """The figures of a grokking run directory, redrawn from its files (nothing is written):
+    ``{"grokking": …, "sed_spectra": …, "coupling": …}`` — the last two where the run recorded SED / measured
+    the final coupling. Each ``Figure`` displays inline in Jupyter."""
+    from sed_lens.loading import load_run
+
+    run = load_run(run_dir)
+    cfg, history = run.config, run.metrics
+    check(len(history) > 0, f"{run.dir} has no metrics yet (metrics.jsonl is empty or missing).")
+    grok = run.summary.get("grok_step")
+    if grok is None:  # an unfinished run: the grok step from its metrics
+        grok = {op: next((r["step"] for r in history if r.get(f"test/acc/{op}", 0) >= cfg.train.grok_acc), None)
+                for op in cfg.ops}
+    figs = {"grokking": grokking_figure(history, cfg.ops, grok, f"Grokking {cfg.name}", log_steps)}
+    if sed_streams(history):
+        figs["sed_spectra"] = sed_spectra_figure(history, f"SED spectra over training ({cfg.name})",
+                                                 cfg.sed_window, cfg.sed_k)
+    if run.summary.get("final_coupling"):
+        figs["coupling"] = final_coupling_figure(run.summary["final_coupling"],
+                                                 f"Coupling of the final SED bases ({cfg.name})")
+    return figs

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sed_lens import plots
 from sed_lens.cli import config_from_args, config_from_dict, parser_for, run_cli
 from sed_lens.errors import SedLensError, check
 from sed_lens.tracking import read_jsonl
@@ -336,6 +335,7 @@ def coupling_section(run_dir: Path, figure_dir: Path) -> Section:
 @kind("coupling-run", lambda d: json_has(d / "coupling.json", "snapshots"))
 def coupling_run_section(run_dir: Path, figure_dir: Path) -> Section:
     """One coupling run: peak / final R̄ of every SED stream per op beside the paper, the R̄ trajectories."""
+    from sed_lens import plots  # here, not at the top: `python -m sed_lens.report --help` stays fast
     from sed_lens.experiments.coupling import paper_for
 
     coupling = load_json(run_dir / "coupling.json")
@@ -372,6 +372,7 @@ def coupling_run_section(run_dir: Path, figure_dir: Path) -> Section:
 def grokking_section(run_dir: Path, figure_dir: Path) -> Section:
     """A grokking run: grok step and final accuracies per op (the paper's grok step beside ours when the setup is
     the paper's), SED spectra at the last eval, the accuracy curves and SED spectra over training."""
+    from sed_lens import plots
     from sed_lens.experiments.grokking import PAPER, GrokkingConfig, matches_paper
     from sed_lens.models import get_preset
 

@@ -214,9 +214,9 @@ class ParamSubspace:
                 p.grad = torch.zeros_like(p)
             target = p.grad if grads else p.data
             assert target is not None
-            part = vec[s.offset:s.stop].reshape(s.shape).to(target.dtype)
+            part = vec[s.offset:s.stop].reshape(s.shape).to(target.device, target.dtype)
             if s.heads:
-                target.index_copy_(0, self._index[s.name], part)
+                target.index_copy_(0, self._index[s.name].to(target.device), part)
             else:
                 target.copy_(part)
 
@@ -253,7 +253,7 @@ class ParamSubspace:
     def project(self, vec: Tensor, basis: Float[Tensor, "k P"], mode: str = "keep") -> Tensor:
         """``keep``: VᵀV x (the part in the span of the orthonormal rows of ``basis``); ``remove``: (I − VᵀV) x."""
         check(mode in ("keep", "remove"), f"unknown projection mode {mode!r}; choose keep or remove.")
-        basis = self.check_directions(basis).to(vec.dtype)
+        basis = self.check_directions(basis).to(vec.device, vec.dtype)
         inside = (vec @ basis.T) @ basis
         return inside if mode == "keep" else vec - inside
 

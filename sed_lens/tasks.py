@@ -28,27 +28,31 @@ OpFn = Callable[[Tensor, Tensor, int], Tensor]
 
 @dataclass(frozen=True)
 class Op:
-    """A binary op mod p. ``nonzero``: its operands range over 1..p-1 (e.g. ``mul``)."""
+    """A binary op mod p. ``nonzero``: its operands range over 1..p-1 (e.g. ``mul``). ``needs_prime``: the op
+    only makes sense in a field, so p must be prime (``mul``: a composite modulus has zero divisors)."""
 
     name: str
     fn: OpFn
     nonzero: bool = False
     formula: str = ""
+    needs_prime: bool = False
 
 
 _OPS: dict[str, Op] = {}
 
 
-def register_op(name: str, fn: OpFn, *, nonzero: bool = False, formula: str = "", overwrite: bool = False) -> Op:
+def register_op(name: str, fn: OpFn, *, nonzero: bool = False, formula: str = "", needs_prime: bool = False,
+                overwrite: bool = False) -> Op:
     """Register a user op under ``name`` so that ``ModularArithmetic(ops=(name,))`` can use it.
 
     ``fn(a, b, p)`` gets int64 tensors of operands and returns labels (reduced mod ``p`` afterwards).
-    ``nonzero=True`` restricts the operands to 1..p-1, as for ``mul``.
+    ``nonzero=True`` restricts the operands to 1..p-1, as for ``mul``; ``needs_prime=True`` makes a task with
+    this op reject a composite modulus, as for ``mul``.
     """
     check(isinstance(name, str) and name.isidentifier(), f"op name must be an identifier, got {name!r}.")
     check(callable(fn), f"op {name!r} needs a callable fn(a, b, p), got {type(fn).__name__}.")
     check(overwrite or name not in _OPS, f"op {name!r} is already registered; pass overwrite=True to replace it.")
-    op = Op(name, fn, nonzero, formula)
+    op = Op(name, fn, nonzero, formula, bool(needs_prime))
     _OPS[name] = op
     return op
 
@@ -67,8 +71,15 @@ def get_op(name: str) -> Op:
 
 register_op("add", lambda a, b, p: a + b, formula="a+b")
 register_op("sub", lambda a, b, p: a - b, formula="a-b")
-register_op("mul", lambda a, b, p: a * b, nonzero=True, formula="a*b")
+register_op("mul", lambda a, b, p: a * b, nonzero=True, formula="a*b", needs_prime=True)
 register_op("sq", lambda a, b, p: a * a + b * b, formula="a^2+b^2")
+
+def is_prime(n: int) -> bool:
+    """Whether ``n`` is a prime number (trial division; p is at most a few thousand here)."""
+    if n < 2:
+        return False
+    return all(n % d for d in range(2, int(n**0.5) + 1))
+
 
 LAYOUTS = ("ab", "ab=")
 """Token layouts: ``"ab"`` → ``[a, b]``; ``"ab="`` → ``[a, b, =]`` with ``=`` the token ``p``."""
@@ -81,7 +92,8 @@ class ModularArithmetic:
     """Pairs ``(a, b)`` mod ``p`` with one label per op, a seeded train/test split, batches and probes.
 
     Args:
-        p: the modulus (an integer ≥ 2); tokens ``0..p-1`` are the operands.
+        p: the modulus (an integer ≥ 3, prime if an op needs a field, e.g. ``mul``); tokens ``0..p-1`` are the
+            operands.
         ops: op names (see :func:`available_ops`); several ops make a multitask dataset on the same pairs.
         train_frac: fraction of the pairs in the train split, in (0, 1).
         seed: fixes the split.
@@ -97,13 +109,16 @@ class ModularArithmetic:
         layout: str = "ab",
     ) -> None:
         check(isinstance(p, int) and not isinstance(p, bool), f"p must be an integer, got {p!r}.")
-        check(p >= 2, f"p must be at least 2, got {p}.")
+        check(p >= 3, f"p must be at least 3, got {p}.")
         if isinstance(ops, str):
             ops = tuple(o for o in ops.split(",") if o)
         ops = tuple(ops)
         check(len(ops) > 0, "ops must name at least one op.")
         check(len(set(ops)) == len(ops), f"ops must not repeat, got {', '.join(ops)}.")
         self.op_specs = tuple(get_op(o) for o in ops)
+        field_ops = [op.name for op in self.op_specs if op.needs_prime]
+        check(not field_ops or is_prime(p),
+              f"op {', '.join(field_ops)} needs a prime modulus (a field), but p={p} is not prime.")
         check(isinstance(train_frac, (int, float)) and 0.0 < float(train_frac) < 1.0,
               f"train_frac must lie strictly between 0 and 1, got {train_frac!r}.")
         check(isinstance(seed, int) and not isinstance(seed, bool), f"seed must be an integer, got {seed!r}.")

@@ -12,10 +12,12 @@ files stay the source of truth; tables, images and artifacts are W&B views of fi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from sed_lens.errors import SedLensError, check
 
@@ -38,7 +39,8 @@ def to_jsonable(obj: Any) -> Any:
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
+    torch = sys.modules.get("torch")  # no tensor can exist before torch is imported; keeps this module light
+    if torch is not None and isinstance(obj, torch.Tensor):
         return to_jsonable(obj.detach().cpu().tolist())
     if isinstance(obj, np.ndarray):
         return to_jsonable(obj.tolist())
@@ -53,8 +55,25 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc where possible, so it is never changed, even briefly)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file.
+
+    The file gets the permissions an ordinary ``open()`` would give it (``0o666`` less the umask), not the
+    ``0o600`` of a temporary file, so group members on a shared filesystem can read runs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -62,6 +81,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -73,9 +93,56 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The objects of a JSON-lines file (``metrics.jsonl``)."""
+    """The objects of a JSON-lines file (``metrics.jsonl``).
+
+    A truncated last line — what a run killed while writing it leaves — is dropped with a warning; a damaged
+    line before the last raises :class:`SedLensError`."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    rows: list[dict[str, Any]] = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines) - 1:
+                raise SedLensError(f"{path} line {i} is not valid JSON and is not the last line, so the file is "
+                                   "damaged, not just cut short by a kill.") from None
+            warnings.warn(f"{path}: dropped its truncated last line {i} (left by a run killed while writing it).",
+                          RuntimeWarning, stacklevel=2)
+    return rows
+
+
+def _metrics_need_repair(path: Path) -> bool:
+    """Whether ``path`` ends in a partial line (no final newline)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+@functools.cache
+def package_version() -> str | None:
+    """The installed sed_lens version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sed-lens")
+    except PackageNotFoundError:
+        return getattr(sys.modules.get("sed_lens"), "__version__", None)
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The short commit of the sed_lens source when it is a git checkout (None otherwise)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
 
 
 def default_run_dir(experiment: str, name: str, root: str | Path = "runs") -> Path:
@@ -96,7 +163,12 @@ class Run:
         config: logged as ``config.json`` and as the W&B config.
         wandb_mode: ``"offline"`` (default), ``"online"`` or ``"disabled"``.
         project, name, group, job_type, tags: W&B run fields.
-        resume: reopen an existing run directory (its W&B run id is reused).
+        resume: reopen an existing run directory (its W&B run id is reused; ``run.json`` keeps the command that
+            created the run and lists the resumes).
+
+    ``wandb_mode="online"`` falls back to an offline W&B run in the run directory (warned once) when W&B
+    cannot start online, so that ``wandb sync`` can upload it later. Every row of ``metrics.jsonl`` gets a
+    ``wall_time``: seconds of running since the run started (resumes continue the count).
     """
 
     def __init__(self, run_dir: str | Path, config: Mapping[str, Any], *, wandb_mode: str = "offline",
@@ -106,8 +178,10 @@ class Run:
         self.dir = Path(run_dir)
         self.config = to_jsonable(dict(config))
         self.wandb_mode = wandb_mode
+        self.name = name or self.dir.name
         if resume:
-            check(self.dir.is_dir(), f"cannot resume: run directory {self.dir} does not exist.")
+            check(self.dir.exists(), f"cannot resume: run directory {self.dir} does not exist.")
+            check(self.dir.is_dir(), f"cannot resume: {self.dir} is a file, not a run directory.")
             check((self.dir / "config.json").is_file(),
                   f"cannot resume: {self.dir} holds no config.json, so it is not a run directory.")
         else:
@@ -121,14 +195,29 @@ class Run:
         except OSError as e:
             raise SedLensError(f"cannot write to run directory {self.dir}: {e.strerror or e}.") from None
         meta_path = self.dir / "run.json"
-        meta = json.loads(meta_path.read_text()) if resume and meta_path.exists() else {}
+        try:
+            meta = json.loads(meta_path.read_text()) if resume and meta_path.exists() else {}
+        except json.JSONDecodeError:
+            meta = {}
         self.wandb_id: str = meta.get("wandb_id") or _new_wandb_id()
         if not resume:
             write_json(self.dir / "config.json", self.config)
-        write_json(meta_path, {"wandb_id": self.wandb_id, "wandb_mode": wandb_mode, "project": project,
-                               "created": meta.get("created", time.strftime("%Y-%m-%d %H:%M:%S")),
-                               "command": " ".join(sys.argv)})
-        self._metrics = open(self.dir / "metrics.jsonl", "a")
+        now, command = time.strftime("%Y-%m-%d %H:%M:%S"), " ".join(sys.argv)
+        meta = {**meta, "wandb_id": self.wandb_id, "wandb_mode": wandb_mode, "project": project,
+                "created": meta.get("created", now), "command": meta.get("command", command),
+                "sed_lens_version": package_version(), "git_commit": git_commit()}
+        if resume:
+            meta["resumes"] = [*meta.get("resumes", []), {"at": now, "command": command}]
+        write_json(meta_path, meta)
+        metrics = self.dir / "metrics.jsonl"
+        if resume and _metrics_need_repair(metrics):  # a torn last line: appending after it would bury it
+            rows = read_jsonl(metrics)
+            atomic_write_bytes(metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        self._t0 = time.perf_counter()
+        self._wall_before = 0.0
+        if resume and metrics.is_file():
+            self._wall_before = _last_wall_time(read_jsonl(metrics))
+        self._metrics = open(metrics, "a")
         self._wandb: Any = None
         self._wandb_failed = False
         if wandb_mode != "disabled":
@@ -140,12 +229,28 @@ class Run:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        self._wandb = wandb.init(
-            mode=self.wandb_mode,  # type: ignore[arg-type]
-            dir=str(self.dir), project=project, name=name, group=group, job_type=job_type,
-            tags=list(tags), config=self.config, id=self.wandb_id, resume="allow" if resume else None,
-            reinit="create_new",
-        )
+
+        def init(mode: str) -> Any:
+            return wandb.init(
+                mode=mode,  # type: ignore[arg-type]
+                dir=str(self.dir), project=project, name=name, group=group, job_type=job_type,
+                tags=list(tags), config=self.config, id=self.wandb_id, resume="allow" if resume else None,
+                reinit="create_new",
+            )
+
+        try:
+            self._wandb = init(self.wandb_mode)
+        except Exception as e:  # noqa: BLE001 - no network, no API key, ...: keep an offline copy instead
+            if self.wandb_mode != "online":
+                raise
+            self.wandb_mode = "offline"
+            warnings.warn(f"W&B could not start online ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          f"logging to an offline W&B run in {self.dir / 'wandb'} instead, upload it later with "
+                          f"wandb sync {self.dir}/wandb/offline-run-*.", RuntimeWarning, stacklevel=4)
+            meta_path = self.dir / "run.json"
+            write_json(meta_path, {**json.loads(meta_path.read_text()), "wandb_mode": "offline",
+                                   "wandb_mode_requested": "online"})
+            self._wandb = init("offline")
         if self._wandb.id != self.wandb_id:  # a sweep agent (or launch) imposes its own run id
             self.wandb_id = self._wandb.id
             meta_path = self.dir / "run.json"
@@ -165,6 +270,15 @@ class Run:
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             return None
 
+    def describe_wandb(self) -> str:
+        """One phrase on the W&B side of the run: mode, name and id (or why there is none)."""
+        if self.wandb_mode == "disabled":
+            return "W&B disabled"
+        if self._wandb is None:
+            return f"W&B failed, local files only (in {self.dir})"
+        where = f", {self._wandb.url}" if self.wandb_mode == "online" and getattr(self._wandb, "url", None) else ""
+        return f"W&B {self.wandb_mode} run {self.name} (id {self.wandb_id}{where})"
+
     @property
     def wandb_run(self) -> Any:
         """The live ``wandb.Run`` (None when W&B is disabled or failed)."""
@@ -174,6 +288,7 @@ class Run:
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         """Append ``{"step": step, **metrics}`` to ``metrics.jsonl`` and log it to W&B."""
         row = to_jsonable({"step": step, **metrics})
+        row.setdefault("wall_time", round(self.elapsed(), 3))
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
         if self._wandb is not None:
@@ -260,12 +375,17 @@ class Run:
         write_json(path, obj)
         return path
 
+    def elapsed(self) -> float:
+        """Seconds of running since the run started (over all its resumes)."""
+        return self._wall_before + time.perf_counter() - self._t0
+
     def truncate_metrics(self, last_step: int) -> None:
         """Drop logged rows after ``last_step`` (used when resuming from a checkpoint)."""
         self._metrics.close()
         path = self.dir / "metrics.jsonl"
         rows = [r for r in read_jsonl(path) if r.get("step", -1) <= last_step] if path.exists() else []
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        self._wall_before, self._t0 = _last_wall_time(rows), time.perf_counter()
         self._metrics = open(path, "a")
 
     def sync_hint(self) -> str | None:
@@ -313,6 +433,11 @@ def artifact_name(text: str) -> str:
     """``text`` as a valid W&B artifact name (letters, digits, ``-``, ``_``, ``.``; at most 128 characters)."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "artifact"
     return name[:128]
+
+
+def _last_wall_time(rows: Sequence[Mapping[str, Any]]) -> float:
+    times = [r["wall_time"] for r in rows if isinstance(r.get("wall_time"), (int, float))]
+    return float(times[-1]) if times else 0.0
 
 
 def _new_wandb_id() -> str:

@@ -121,3 +121,17 @@ def test_capture_argument_errors():
         GradientCapture(every=0)
     with pytest.raises(SedLensError, match="at least one pair"):
         gradient_batch(ModularArithmetic(p=5), 0)
+
+
+def test_capture_task_gradients_needs_a_tokens_labels_pair(tiny_task):
+    model = build_model("xu2026", tiny_task, seed=0)
+    S = ParamSubspace.attention(model)
+    tokens, labels = tiny_task.probes(8)
+    with pytest.raises(SedLensError, match="batch must be a \\(tokens, labels\\) pair.*bare tensor") as e:
+        capture_task_gradients(model, tiny_task, S, tokens)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SedLensError, match="no entry for op add"):
+        capture_task_gradients(model, tiny_task, S, (tokens, {"sub": labels["add"]}))
+    by_dict = capture_task_gradients(model, tiny_task, S, (tokens, labels))
+    by_tensor = capture_task_gradients(model, tiny_task, S, (tokens, labels["add"]))
+    assert torch.equal(by_dict["add"], by_tensor["add"])

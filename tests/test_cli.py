@@ -60,3 +60,44 @@ def test_subprocess_bad_flag_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sed_lens.experiments.grokking", "--p", "x"], capture_output=True,
                        text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_help_and_a_bad_flag_answer_before_torch_is_imported(tmp_path):
+    """The deterministic proxy of the < 2 s target (benchmarks/cli_latency.py measures it): parsing needs no
+    torch, TransformerLens, W&B or matplotlib."""
+    heavy = ("torch", "transformer_lens", "wandb", "matplotlib")
+    for module in ("sed_lens.experiments.grokking", "sed_lens.experiments.coupling", "sed_lens.experiments.intervention",
+                   "sed_lens.experiments.reproduce", "sed_lens.report"):
+        for argv in (["--help"], ["--bogus"]):
+            code = ("import runpy, sys\n"
+                    f"sys.argv = ['x', *{argv!r}]\n"
+                    "try:\n"
+                    f"    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+                    "except SystemExit as e:\n"
+                    "    code = e.code\n"
+                    f"print(sorted(m for m in {heavy!r} if m in sys.modules), code)\n")
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+            assert r.stdout.strip().splitlines()[-1] == f"[] {0 if argv == ['--help'] else 2}", (module, argv, r.stderr)
+
+
+def test_from_sed_lens_import_still_gives_every_public_name():
+    r = subprocess.run([sys.executable, "-c", "import sys, sed_lens; assert 'torch' not in sys.modules; "
+                        "from sed_lens import *; import sed_lens as s; [getattr(s, n) for n in s.__all__]; "
+                        "from sed_lens import Trainer, TrainConfig, PRESETS; print(Trainer.__module__)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "sed_lens.training", r.stderr
+
+
+def test_a_run_announces_its_directory_and_wandb_at_the_start(tmp_path, capsys):
+    rd = tmp_path / "a"
+    code, out, err = call(["--p", "11", "--steps", "5", "--eval-every", "5", "--sed", "update,gradient,task_gradient",
+                           "--sed-every", "1", "--sed-window", "3", "--run-dir", str(rd), "--wandb-mode", "disabled",
+                           "--no-progress"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"grokking add-p11-s42: run directory {rd}; W&B disabled"
+    # single op: task_gradient is the gradient stream, said in the console and the summary, not dropped silently
+    assert any("task_gradient = gradient for a single-op run" in line for line in lines)
+    sed = json.loads((rd / "summary.json").read_text())["sed"]
+    assert sed["sources"] == ["update", "gradient", "task_gradient"] and "gradient" in sed["streams"]
+    assert sed["note"].startswith("task_gradient = gradient")

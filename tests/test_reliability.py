@@ -162,3 +162,118 @@ def test_nan_stops_the_cli_with_one_line_and_keeps_the_checkpoint(tmp_path, caps
     state = torch.load(rd / "checkpoints" / "last.pt", weights_only=False)
     params = {k: v for k, v in state["model"].items() if not k.endswith(("IGNORE", "mask"))}
     assert state["step"] == 20 and all(torch.isfinite(v).all() for v in params.values())
+
+
+FAST = ["--p", "11", "--eval-every", "5", "--checkpoint-every", "10", "--wandb-mode", "disabled", "--no-progress"]
+
+
+def test_sigterm_checkpoints_prints_the_resume_command_and_the_run_resumes(tmp_path, capsys):
+    import re
+
+    rd = tmp_path / "t"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sed_lens.experiments.grokking", *FAST, "--steps", "100000",
+                             "--stop-patience", "0", "--run-dir", str(rd)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            lines = (rd / "metrics.jsonl").read_text().splitlines() if (rd / "metrics.jsonl").exists() else []
+            if len(lines) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert f"run directory {rd}" in out.splitlines()[0]  # announced at the start
+    assert err.count("\n") == 1 and "Traceback" not in err
+    m = re.search(r"interrupted by SIGTERM at step (\d+); checkpoint (\S+) — resume with: (.+)$", err.strip())
+    assert m, err
+    step, ckpt = int(m[1]), Path(m[2])
+    assert ckpt == rd / "checkpoints" / "last.pt" and torch.load(ckpt, weights_only=False)["step"] == step
+    assert m[3] == f"python -m sed_lens.experiments.grokking --resume {rd}"
+    assert cli(["--resume", str(rd), "--steps", str(step + 7)]) == 0
+    assert json.loads((rd / "summary.json").read_text())["steps"] == step + 7
+    steps = [r["step"] for r in read_jsonl(rd / "metrics.jsonl")]
+    assert steps == list(range(0, step + 8, 5))  # every eval once, none lost or repeated across the kill
+
+
+def test_sigint_in_process_checkpoints_at_the_current_step(tmp_path, tiny_task):
+    from sed_lens.training import Callback, TrainingInterrupted
+
+    class CtrlC(Callback):
+        def on_after_step(self, trainer):
+            if trainer.step == 7:
+                signal.raise_signal(signal.SIGINT)
+
+    with Run(tmp_path / "r", {}, wandb_mode="disabled") as run:
+        t = Trainer(build_model("xu2026", tiny_task), tiny_task, TrainConfig(steps=50, eval_every=5), [CtrlC()],
+                    run=run, progress=False)
+        with pytest.raises(TrainingInterrupted) as e:
+            t.fit()
+    assert e.value.step == 7 and e.value.exit_code == 130 and e.value.checkpoint == t.checkpoint_path
+    assert torch.load(t.checkpoint_path, weights_only=False)["step"] == 7
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+
+
+def test_resume_checks_everything_before_touching_the_run_and_a_finished_run_says_so(tmp_path, capsys):
+    afile = tmp_path / "f"
+    afile.write_text("")
+    assert cli(["--resume", str(afile)]) == 2
+    assert "is a file, not a run directory" in capsys.readouterr().err
+    rd = tmp_path / "r"
+    assert cli([*FAST, "--steps", "10", "--run-dir", str(rd), "--wandb-mode", "offline"]) == 0
+    config = json.loads((rd / "config.json").read_text())
+    assert config["init"] == "torch" and config["run_dir"] == str(rd)  # resolved, not null
+    assert all("wall_time" in r for r in read_jsonl(rd / "metrics.jsonl"))
+    capsys.readouterr()
+
+    def files():  # every run file, and the W&B run folders (W&B's own logs change after it finishes)
+        return ({p: p.read_bytes() for p in rd.rglob("*") if p.is_file() and "wandb" not in p.parts},
+                sorted((rd / "wandb").glob("offline-run-*")))
+
+    before = files()
+    assert cli(["--resume", str(rd)]) == 0  # finished: one line, nothing changes
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "finished run (10 steps); nothing to do" in out and "--steps N" in out
+    assert files() == before
+    ckpt = rd / "checkpoints" / "last.pt"
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[: len(good) // 2])
+    assert cli(["--resume", str(rd), "--steps", "20"]) == 2  # fails: run.json, W&B folders, config untouched
+    assert "truncated or corrupted" in capsys.readouterr().err
+    assert files() == ({**before[0], ckpt: good[: len(good) // 2]}, before[1])
+    ckpt.write_bytes(good)
+    assert cli(["--resume", str(rd), "--steps", "8"]) == 2
+    assert "does not extend" in capsys.readouterr().err
+    assert cli(["--resume", str(rd), "--steps", "20", "--lr", "0.1"]) == 2
+    assert "drop --lr" in capsys.readouterr().err
+    assert files() == before
+    assert cli(["--resume", str(rd), "--steps", "20"]) == 0  # extends the finished run
+    assert json.loads((rd / "summary.json").read_text())["steps"] == 20
+    assert json.loads((rd / "config.json").read_text())["train"]["steps"] == 20
+    assert [r["step"] for r in read_jsonl(rd / "metrics.jsonl")] == [0, 5, 10, 15, 20]
+    meta = json.loads((rd / "run.json").read_text())
+    assert meta["command"] == json.loads(before[0][rd / "run.json"])["command"] and len(meta["resumes"]) == 1
+
+
+def test_a_torn_last_metrics_line_neither_stops_resume_nor_the_report(tmp_path, capsys):
+    from sed_lens import report
+
+    rd = tmp_path / "r"
+    assert cli([*FAST, "--steps", "10", "--run-dir", str(rd)]) == 0
+    metrics = rd / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 15, "loss": 0.')  # a kill while writing a row
+    with pytest.warns(RuntimeWarning, match="truncated last line"):
+        assert run_cli(report.main, [str(rd), "--out", str(tmp_path / "rep")], prog="report") == 0
+    with pytest.warns(RuntimeWarning, match="truncated last line"):
+        assert cli(["--resume", str(rd), "--steps", "15"]) == 0
+    assert [r["step"] for r in read_jsonl(metrics)] == [0, 5, 10, 15]
+    capsys.readouterr()
+    metrics.write_text(metrics.read_text().replace('"step": 5', '"step": 5, "x', 1))  # damaged, not torn
+    assert cli(["--resume", str(rd), "--steps", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "line 2 is not valid JSON" in err and err.count("\n") == 1

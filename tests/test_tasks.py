@@ -88,10 +88,11 @@ def test_register_user_op():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(p=1), "at least 2"), (dict(p=7.5), "integer"), (dict(ops=("nope",)), "unknown op"),
+    (dict(p=1), "at least 3"), (dict(p=2), "at least 3"), (dict(p=7.5), "integer"), (dict(ops=("nope",)), "unknown op"),
     (dict(ops=()), "at least one op"), (dict(train_frac=0.0), "strictly between"),
     (dict(train_frac=1.5), "strictly between"), (dict(layout="ba"), "unknown layout"),
-    (dict(ops=("add", "add")), "repeat"), (dict(p=2, train_frac=0.1), "empty split"),
+    (dict(ops=("add", "add")), "repeat"), (dict(p=3, train_frac=0.1), "empty split"),
+    (dict(p=91, ops=("add", "mul")), "op mul needs a prime modulus.*p=91 is not prime"),
 ])
 def test_bad_task_arguments(kwargs, match):
     with pytest.raises(SedLensError, match=match):
@@ -108,3 +109,13 @@ def test_bad_batch_and_probe_arguments():
         t.batch(3, generator=42)
     with pytest.raises(SedLensError, match="unknown split"):
         t.split("val")
+
+
+def test_only_ops_that_need_a_field_reject_a_composite_modulus():
+    for op in ("add", "sub", "sq"):
+        assert ModularArithmetic(p=15, ops=(op,)).p == 15
+    assert get_op("mul").needs_prime and not get_op("add").needs_prime
+    register_op("div_like", lambda a, b, p: a * b, needs_prime=True, overwrite=True)
+    with pytest.raises(SedLensError, match="op div_like needs a prime modulus"):
+        ModularArithmetic(p=9, ops=("div_like",))
+    assert ModularArithmetic(p=7, ops=("div_like",)).p == 7

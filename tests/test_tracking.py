@@ -14,8 +14,14 @@ def test_run_directory_files(tmp_path):
         run.summary({"grok_step": {"add": 25}})
         run.summary({"wall": 3})
     assert json.loads((tmp_path / "r" / "config.json").read_text()) == {"a": 1}
-    assert read_jsonl(tmp_path / "r" / "metrics.jsonl") == [{"step": 0, "x": 1.5, "nan": None}, {"step": 25, "x": 2.5}]
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert [without_timing(r) for r in rows] == [{"step": 0, "x": 1.5, "nan": None}, {"step": 25, "x": 2.5}]
+    assert all(isinstance(r["wall_time"], float) and r["wall_time"] >= 0 for r in rows)
     assert json.loads((tmp_path / "r" / "summary.json").read_text()) == {"grok_step": {"add": 25}, "wall": 3}
+
+
+def without_timing(row):
+    return {k: v for k, v in row.items() if "time" not in k}
 
 
 def _png(path):
@@ -92,7 +98,7 @@ def test_helper_failures_warn_once_and_the_run_continues(tmp_path):
         run.log({"x": 1}, step=1)
     run.finish()
     assert len(rec) == 1 and _BrokenWandb.calls == 1 and run.wandb_run is None
-    assert read_jsonl(tmp_path / "b" / "metrics.jsonl") == [{"step": 1, "x": 1}]
+    assert [without_timing(r) for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [{"step": 1, "x": 1}]
 
 
 def test_helpers_reject_bad_inputs_whatever_the_mode(tmp_path):
@@ -137,11 +143,101 @@ def test_wandb_failure_is_reported_once_and_the_run_continues(tmp_path, monkeypa
 
     monkeypatch.setattr(wandb, "init", broken)
     with pytest.warns(RuntimeWarning, match="W&B start failed") as rec:
-        run = Run(tmp_path / "f", {}, wandb_mode="online")
+        run = Run(tmp_path / "f", {}, wandb_mode="offline")
     run.log({"x": 1}, step=1)
     run.finish()
     assert len(rec) == 1 and run.wandb_run is None and run.sync_hint() is None
-    assert read_jsonl(tmp_path / "f" / "metrics.jsonl") == [{"step": 1, "x": 1}]
+    assert [without_timing(r) for r in read_jsonl(tmp_path / "f" / "metrics.jsonl")] == [{"step": 1, "x": 1}]
+
+
+def test_online_without_network_falls_back_to_an_offline_run_to_sync_later(tmp_path, monkeypatch):
+    import wandb
+
+    modes = []
+
+    class Offline(_BrokenWandb):
+        def __init__(self, id):
+            self.id = id
+
+        def log(self, *a, **k):
+            pass
+
+        def finish(self):
+            pass
+
+    def init(**kw):
+        modes.append(kw["mode"])
+        if kw["mode"] == "online":
+            raise ConnectionError("no network")
+        return Offline(kw["id"])
+
+    monkeypatch.setattr(wandb, "init", init)
+    with pytest.warns(RuntimeWarning, match="could not start online.*offline W&B run in .*wandb sync") as rec:
+        run = Run(tmp_path / "o", {}, wandb_mode="online", name="my-run")
+    run.log({"x": 1}, step=1)
+    assert run.describe_wandb().startswith("W&B offline run my-run")
+    run.finish()
+    assert modes == ["online", "offline"] and len(rec) == 1
+    assert run.wandb_mode == "offline" and "wandb sync" in run.sync_hint()
+    meta = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert meta["wandb_mode"] == "offline" and meta["wandb_mode_requested"] == "online"
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning_elsewhere_it_is_an_error(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "x": 1}\n{"step": 10, "x": 2}\n{"step": 20, "x"')
+    with pytest.warns(RuntimeWarning, match="dropped its truncated last line 3"):
+        assert read_jsonl(path) == [{"step": 0, "x": 1}, {"step": 10, "x": 2}]
+    path.write_text('{"step": 0, "x": 1}\n{"step": 10, "x\n{"step": 20, "x": 3}\n')
+    with pytest.raises(SedLensError, match="line 2 is not valid JSON and is not the last line") as e:
+        read_jsonl(path)
+    assert "\n" not in str(e.value)
+
+
+def test_resuming_a_run_repairs_a_torn_metrics_tail_and_continues_the_wall_time(tmp_path):
+    with Run(tmp_path / "r", {}, wandb_mode="disabled") as run:
+        run.log({"x": 1}, step=0)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    first = read_jsonl(metrics)[0]["wall_time"]
+    metrics.write_text(metrics.read_text() + '{"step": 5, "x": 2, "wall')
+    with pytest.warns(RuntimeWarning, match="truncated last line"):
+        run = Run(tmp_path / "r", {}, wandb_mode="disabled", resume=True)
+    run.log({"x": 3}, step=5)
+    run.finish()
+    rows = read_jsonl(metrics)
+    assert [r["step"] for r in rows] == [0, 5] and rows[1]["wall_time"] >= first
+
+
+def test_run_files_honour_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        with Run(tmp_path / "u", {"a": 1}, wandb_mode="disabled") as run:
+            run.summary({"b": 2})
+        for name in ("config.json", "run.json", "summary.json"):
+            assert stat.S_IMODE((tmp_path / "u" / name).stat().st_mode) == 0o640, name
+        os.umask(0o002)
+        run = Run(tmp_path / "v", {}, wandb_mode="disabled")
+        run.finish()
+        assert stat.S_IMODE((tmp_path / "v" / "config.json").stat().st_mode) == 0o664
+    finally:
+        os.umask(old)
+
+
+def test_run_json_records_the_version_the_commit_and_keeps_the_command_over_resumes(tmp_path, monkeypatch):
+    import sed_lens
+    from sed_lens import tracking
+
+    Run(tmp_path / "g", {}, wandb_mode="disabled").finish()
+    meta = json.loads((tmp_path / "g" / "run.json").read_text())
+    assert meta["sed_lens_version"] == sed_lens.__version__
+    assert meta["git_commit"] == tracking.git_commit()  # a short hash in a git checkout, None otherwise
+    monkeypatch.setattr(tracking.sys, "argv", ["later", "--resume"])
+    Run(tmp_path / "g", {}, wandb_mode="disabled", resume=True).finish()
+    again = json.loads((tmp_path / "g" / "run.json").read_text())
+    assert again["command"] == meta["command"] and again["resumes"][0]["command"] == "later --resume"
 
 
 def test_run_errors(tmp_path):

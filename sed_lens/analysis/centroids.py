@@ -24,11 +24,10 @@ from torch import Tensor
 from torch.func import functional_call
 from transformer_lens import HookedTransformer
 
+from sed_lens.configs import DEFAULT_SITE, READOUTS
+from sed_lens.devices import model_device
 from sed_lens.errors import SedLensError, check
 from sed_lens.models import get_readout
-
-READOUTS = ("correct_logit", "logit_sum")
-DEFAULT_SITE = "blocks.0.hook_resid_pre"
 
 Readout = str | Tensor | Callable[[Tensor, Tensor], Tensor]
 
@@ -48,7 +47,7 @@ def readout_values(logits: Float[Tensor, "batch n_classes"], labels: Int[Tensor,
     if isinstance(readout, Tensor):
         check(readout.shape == logits.shape[-1:],
               f"a readout vector needs one weight per class ({logits.shape[-1]}), got shape {tuple(readout.shape)}.")
-        return logits @ readout.to(logits.dtype)
+        return logits @ readout.to(logits.device, logits.dtype)
     if callable(readout):
         out = readout(logits, labels)  # type: ignore[arg-type]
         check(isinstance(out, Tensor) and out.shape == logits.shape[:1],
@@ -83,6 +82,8 @@ class CentroidMap:
         check(isinstance(tokens, Tensor) and tokens.ndim == 2, "probe tokens must be a [n_probes, pos] integer tensor.")
         check(int(tokens.min()) >= 0 and int(tokens.max()) < model.cfg.d_vocab,
               f"probe tokens must lie in 0..{model.cfg.d_vocab - 1} (the model's vocabulary).")
+        device = model_device(model)
+        tokens = tokens.to(device)
         self.model, self.tokens, self.site, self.readout = model, tokens, site, readout
         if task is None and isinstance(labels, Mapping) and len(labels) == 1:
             task = next(iter(labels))
@@ -92,9 +93,9 @@ class CentroidMap:
         self.slice, self.position = r.slice(self.task), r.position
         if isinstance(labels, Mapping):
             check(self.task in labels, f"no labels for op {self.task!r} among {', '.join(labels)}.")
-            self.labels: Tensor | None = labels[self.task]
+            self.labels: Tensor | None = labels[self.task].to(device)
         else:
-            self.labels = labels
+            self.labels = labels.to(device) if isinstance(labels, Tensor) else labels
         if self.labels is not None:
             check(self.labels.shape == tokens.shape[:1], "probes need one label per probe.")
         self.shape = site_shape(model, tokens, site)

@@ -25,23 +25,40 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from sed_lens.analysis.centroids import DEFAULT_SITE, CentroidMap, Readout
-from sed_lens.errors import check
+from sed_lens.configs import METHODS
+from sed_lens.devices import accumulation_dtype, model_device
+from sed_lens.errors import SedLensError, check
 from sed_lens.subspace import ParamSubspace
 
-METHODS = ("jvp", "hvp", "fd")
 Probes = tuple[Int[Tensor, "n pos"], Mapping[str, Tensor] | Tensor | None]
+
+
+UNIT_RTOL = 1e-3  # a direction's norm may differ from 1 by this much (relative); rows of zeros are allowed
 
 
 def perturbation_scale(model: HookedTransformer, subspace: ParamSubspace, eps_rel: float) -> float:
     """The paper's ε = eps_rel · ‖θ_S‖ (the norm of the subspace's weights at this point of training)."""
-    return eps_rel * float(torch.linalg.vector_norm(subspace.weights(model).double()))
+    w = subspace.weights(model)
+    return eps_rel * float(torch.linalg.vector_norm(w.to(accumulation_dtype(w.device))))
+
+
+def check_unit_rows(directions: Tensor, what: str = "directions") -> None:
+    """Every row of ``directions`` is a unit vector (relative tolerance :data:`UNIT_RTOL`) or all zeros (what a
+    rank-deficient SED basis holds); A(v) scales with ‖v‖², so any other norm would scale R silently."""
+    norms = torch.linalg.vector_norm(directions.detach().to(accumulation_dtype(directions.device)), dim=1)
+    bad = ((norms - 1).abs() > UNIT_RTOL) & (norms != 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise SedLensError(f"{what} must be unit vectors (or zero rows), but row {i} has norm {float(norms[i]):.6g}; "
+                           "A(v) grows with the squared norm, so normalise them first: v / v.norm(dim=1, keepdim=True).")
 
 
 def centroid_response(model: HookedTransformer, subspace: ParamSubspace, directions: Float[Tensor, "n P"],
                       probes: Probes, method: str = "jvp", eps_rel: float = 0.005, site: str = DEFAULT_SITE,
                       readout: Readout = "correct_logit", task: str | None = None, chunk_size: int = 8,
                       probe_batch: int | None = None) -> Float[Tensor, " n"]:
-    """A(v) for each row v of ``directions`` (``[n, P]``; rows are used as given, so pass unit vectors).
+    """A(v) for each row v of ``directions`` (``[n, P]``: unit rows, or zero rows, else a SedLensError), as a
+    float32 CPU tensor; the work runs on the model's device.
 
     Args:
         probes: ``(tokens, labels)`` as returned by ``task.probes(n)``.
@@ -55,15 +72,18 @@ def centroid_response(model: HookedTransformer, subspace: ParamSubspace, directi
     check(isinstance(eps_rel, (int, float)) and eps_rel > 0, f"eps_rel must be positive, got {eps_rel!r}.")
     check(isinstance(chunk_size, int) and chunk_size >= 1, f"chunk_size must be a positive integer, got {chunk_size!r}.")
     dirs = subspace.check_directions(directions)
+    check_unit_rows(dirs)
+    device = model_device(model)
+    dirs = dirs.to(device)
     tokens, labels = probes
-    cmap = CentroidMap(model, tokens, labels, site, readout, task)
+    cmap = CentroidMap(model, tokens, labels, site, readout, task)  # moves the probes to the model's device
     base = {n: p.detach() for n, p in subspace.parameters_of(model).items()}
     n_probes = tokens.shape[0]
     pb = n_probes if probe_batch is None else probe_batch
     check(pb >= 1, f"probe_batch must be positive, got {probe_batch}.")
     was_training = model.training
     model.eval()
-    total = torch.zeros(dirs.shape[0], dtype=torch.float64)
+    total = torch.zeros(dirs.shape[0], dtype=accumulation_dtype(device), device=device)
     try:
         for lo in range(0, n_probes, pb):
             rows = slice(lo, lo + pb)
@@ -76,16 +96,18 @@ def centroid_response(model: HookedTransformer, subspace: ParamSubspace, directi
                 total += _fd_sq(cmap, base, subspace, dirs, rows, eps)
     finally:
         model.train(was_training)
-    return (total / n_probes).to(torch.float32)
+    return (total / n_probes).to(torch.float32).cpu()
 
 
 def _jvp_sq(cmap: CentroidMap, base: dict[str, Tensor], subspace: ParamSubspace, dirs: Tensor, rows: slice,
             chunk: int) -> Tensor:
     """Σ over the probes in ``rows`` of ‖J_x v‖² for every direction, exactly (forward-over-reverse)."""
 
+    acc = accumulation_dtype(dirs.device)
+
     def tangent_sq(tangent: dict[str, Tensor]) -> Tensor:
         dmu = torch.func.jvp(lambda p: cmap(p, rows), (base,), (tangent,))[1]
-        return (dmu.double() ** 2).sum()
+        return (dmu.to(acc) ** 2).sum()
 
     out = []
     for i in range(0, dirs.shape[0], chunk):
@@ -108,24 +130,26 @@ def _hvp_sq(cmap: CentroidMap, model: HookedTransformer, subspace: ParamSubspace
     with torch.enable_grad():
         total = cmap.readout_sum(delta, {}, tokens, labels)
         grads = torch.autograd.grad(total, list(named.values()), create_graph=True)
-        out = torch.empty(dirs.shape[0], dtype=torch.float64)
+        acc = accumulation_dtype(delta.device)
+        out = torch.empty(dirs.shape[0], dtype=acc, device=delta.device)
         for j in range(dirs.shape[0]):
             t = subspace.unflatten(dirs[j].to(dtype), full=True)
             mu_dot = torch.autograd.grad(grads, delta, grad_outputs=[t[n] for n in named], retain_graph=j < len(dirs) - 1)[0]
-            out[j] = (mu_dot.detach().double() ** 2).sum()
+            out[j] = (mu_dot.detach().to(acc) ** 2).sum()
     return out
 
 
 def _fd_sq(cmap: CentroidMap, base: dict[str, Tensor], subspace: ParamSubspace, dirs: Tensor, rows: slice,
            eps: float) -> Tensor:
     """Σ over the probes in ``rows`` of ‖(μ(θ+εv) − μ(θ−εv)) / 2ε‖² for every direction."""
-    out = torch.empty(dirs.shape[0], dtype=torch.float64)
+    acc = accumulation_dtype(dirs.device)
+    out = torch.empty(dirs.shape[0], dtype=acc, device=dirs.device)
     with torch.no_grad():
         for j in range(dirs.shape[0]):
             t = subspace.unflatten(dirs[j].to(next(iter(base.values())).dtype), full=True)
             plus = cmap({n: base[n] + eps * t[n] for n in base}, rows)
             minus = cmap({n: base[n] - eps * t[n] for n in base}, rows)
-            out[j] = (((plus.double() - minus.double()) / (2 * eps)) ** 2).sum()
+            out[j] = (((plus.to(acc) - minus.to(acc)) / (2 * eps)) ** 2).sum()
     return out
 
 
@@ -168,11 +192,14 @@ def coupling(model: HookedTransformer, subspace: ParamSubspace, directions: Floa
     arguments (``site``, ``readout``, ``task``, ``chunk_size``, ``probe_batch``) go to it.
     """
     dirs = subspace.check_directions(directions)
-    if random_directions is None:
+    check_unit_rows(dirs)
+    if random_directions is None:  # drawn on the CPU, so they do not depend on the device
         check(isinstance(n_random, int) and n_random >= 1, f"n_random must be a positive integer, got {n_random!r}.")
         random_directions = subspace.random_directions(n_random, torch.Generator().manual_seed(seed))
     rand = subspace.check_directions(random_directions)
-    A_all = centroid_response(model, subspace, torch.cat([dirs, rand.to(dirs.dtype)]), probes, method=method,
+    check_unit_rows(rand, "random directions")
+    device = model_device(model)
+    A_all = centroid_response(model, subspace, torch.cat([dirs.to(device), rand.to(device, dirs.dtype)]), probes, method=method,
                               eps_rel=eps_rel, **kwargs)
     A, A_random = A_all[:len(dirs)], A_all[len(dirs):]
     eps = perturbation_scale(model, subspace, eps_rel) if method == "fd" else None

@@ -24,9 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from sed_lens.configs import ALIGNMENTS
 from sed_lens.errors import SedLensError, check
-
-ALIGNMENTS = ("trailing", "leading")
 
 
 @dataclass
@@ -127,14 +126,14 @@ class RollingSED:
             self._x = torch.zeros(self.window, vec.shape[0], dtype=self.dtype, device=vec.device)
         elif vec.shape[0] != self._x.shape[1]:
             raise SedLensError(f"push expects vectors of dimension {self._x.shape[1]}, got {vec.shape[0]}.")
-        v = vec.detach().to(self.dtype)
+        v = vec.detach().to(device=self._x.device, dtype=self.dtype)  # the window's device (CPU after a resume)
         if not bool(torch.isfinite(torch.dot(v, v))):  # any NaN/inf entry (or overflow) shows up here
             raise SedLensError("cannot push a vector with NaN or inf entries into the SED window.")
         if self.track_overlap and self.n_pushed > 0:
             self.previous = self.basis().directions
         slot = self._next
         self._x[slot] = v
-        row = (self._x @ v).to(torch.float64).cpu()  # unfilled slots are zero rows, so their entries are 0
+        row = (self._x @ v).cpu().to(torch.float64)  # unfilled slots are zero rows, so their entries are 0
         self._g[slot, :] = row
         self._g[:, slot] = row
         self._next = (slot + 1) % self.window
@@ -211,6 +210,8 @@ def basis_from_gram(gram: Float[Tensor, "n n"], x: Float[Tensor, "n P"], k: int,
     ambiguous = drift.abs() <= 1e-6 * u.abs().sum(0)
     sign[ambiguous] = 1.0
     v = ((u * (sign / sigma[:kk])).T).to(x.dtype).to(x.device) @ x  # [kk, P], unit rows up to rounding
+    # Near the rank cut-off (σ_j ≈ rtol·σ_1) float32 Gram entries leave ‖v_j‖ off 1 by up to ~1%: renormalise.
+    v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
     if bool(ambiguous.any()):
         v[ambiguous] = orient_by_largest(v[ambiguous])
     if kk < k:
@@ -233,7 +234,7 @@ def subspace_overlap(a: Float[Tensor, "k P"], b: Float[Tensor, "k P"]) -> float:
     b = b[torch.linalg.vector_norm(b, dim=1) > 0]
     if len(a) == 0 or len(b) == 0:
         return 0.0
-    cos = torch.linalg.svdvals(a.to(torch.float64) @ b.to(torch.float64).T).clamp(0, 1)
+    cos = torch.linalg.svdvals(a.cpu().to(torch.float64) @ b.cpu().to(torch.float64).T).clamp(0, 1)  # MPS: no float64
     return float((cos**2).sum() / max(len(a), len(b)))
 
 

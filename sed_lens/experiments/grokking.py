@@ -1,34 +1,47 @@
 """Train a modular-arithmetic HookedTransformer until it groks: ``python -m sed_lens.experiments.grokking``.
 
 With no flags: preset xu2026, op add, p 97, seed 42, the paper's protocol, W&B offline. ``--ops add,sub,mul,sq``
-trains one shared encoder with a head per op. Prints the grok step, final accuracies, wall time and run dir.
-The run directory gets grokking.png (accuracy curves, grok step marked) and, with ``--sed``, sed_spectra.png
-(singular values, gaps and basis overlap over training); W&B gets them as images and the run's config,
-summary and SED bases as an artifact.
+trains one shared encoder with a head per op. Update and gradient SED are captured live by default (``--sed none``
+turns them off) and the coupling R̄ of the final SED bases is measured at the end. Prints the grok step, final
+accuracies, the SED spectra, the final coupling, wall time and run dir. The run directory gets grokking.png
+(accuracy and loss, grok step marked), sed_spectra.png (singular values, gaps and basis overlap over training)
+and coupling.png (R_j and R̄ of the final bases); W&B gets them as images and the run's config, summary and SED
+bases as an artifact.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sed_lens import plots
+# Only torch-free modules at the top: the flags are parsed (and --help answered) before torch, TransformerLens,
+# W&B or matplotlib are imported; the functions below import them when they run.
 from sed_lens.cli import config_from_args, config_from_dict, csv, parser_for, run_cli
+from sed_lens.configs import INITS, PRESETS, TrainConfig, get_preset
+from sed_lens.devices import DEVICES, resolve_device
 from sed_lens.errors import SedLensError, check
-from sed_lens.hooks.capture import GradientCapture
-from sed_lens.hooks.snapshots import SnapshotStore
-from sed_lens.models import INITS, PRESETS, build_model, get_preset, model_spec
-from sed_lens.tasks import ModularArithmetic
-from sed_lens.tracking import WANDB_MODES, Run, default_run_dir
-from sed_lens.training import Callback, TrainConfig, Trainer, TrainResult
+from sed_lens.tracking import WANDB_MODES, Run, default_run_dir, read_jsonl, write_json
+
+if TYPE_CHECKING:
+    from sed_lens.tasks import ModularArithmetic
+    from sed_lens.training import Callback, TrainResult
 
 # The paper's grok step of a plain (control) run: mean over seeds 42, 137, 2024 with the PyTorch-default init
 # (Xu 2026, intervention table, condition A). Comparable only on the paper's setup, see :func:`matches_paper`.
 PAPER: dict[str, Any] = {"grok_step": {"add": 3358}}
+
+
+def sed_sources_arg(text: str) -> tuple[str, ...]:
+    """``--sed``: comma-separated SED sources; ``none`` (or nothing) turns SED capture off."""
+    return () if text.strip().lower() in ("", "none") else csv()(text)
+
+
+sed_sources_arg.__name__ = "list"
 
 
 @dataclass
@@ -46,9 +59,10 @@ class GrokkingConfig:
                 "default: the preset's", "choices": INITS})
     train_frac: float = field(default=0.5, metadata={"help": "fraction of the pairs used for training"})
     train: TrainConfig = field(default_factory=TrainConfig)
-    sed: tuple[str, ...] = field(default=(), metadata={
+    sed: tuple[str, ...] = field(default=("update", "gradient"), metadata={
         "help": "capture rolling SED while training from these sources: update, gradient, task_gradient "
-                "(comma-separated; default: none)", "parse": csv(), "metavar": "SOURCES"})
+                "(comma-separated; none turns it off), and measure the coupling of the final bases",
+        "parse": sed_sources_arg, "metavar": "SOURCES"})
     sed_window: int = field(default=20, metadata={"help": "SED window W (snapshots)"})
     sed_k: int = field(default=3, metadata={"help": "SED directions k"})
     sed_every: int = field(default=25, metadata={"help": "SED snapshot interval (steps)"})
@@ -59,9 +73,13 @@ class GrokkingConfig:
     wandb_mode: str = field(default="offline", metadata={"help": "W&B mode", "choices": WANDB_MODES})
     wandb_project: str = field(default="sed-lens", metadata={"help": "W&B project"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    device: str = field(default="auto", metadata={
+        "help": "where the model trains: auto (cuda if available, else mps, else cpu), cpu, cuda or mps",
+        "choices": DEVICES})
     resume: str | None = field(default=None, metadata={
         "help": "continue the run in this directory from its last checkpoint, with its saved settings "
-                "(e.g. after it was killed); pass no other flags"})
+                "(e.g. after it was killed); the only other flag it takes is --steps N, which extends a run "
+                "to N steps (also a finished one)"})
 
     @property
     def name(self) -> str:
@@ -81,14 +99,20 @@ def matches_paper(cfg: GrokkingConfig) -> bool:
 
 def build(cfg: GrokkingConfig) -> tuple[ModularArithmetic, Any]:
     """The task and model of ``cfg``."""
+    from sed_lens.models import build_model
+    from sed_lens.tasks import ModularArithmetic
+
     preset = get_preset(cfg.preset)
     task = ModularArithmetic(cfg.p, cfg.ops, cfg.train_frac, cfg.seed, layout=preset.layout)
-    model = build_model(cfg.preset, task, init=cfg.init, seed=cfg.seed)
+    model = build_model(cfg.preset, task, init=cfg.init, seed=cfg.seed, device=resolve_device(cfg.device))
     return task, model
 
 
 def capture_callbacks(cfg: GrokkingConfig, run_dir: Path | None = None) -> list[Callback]:
     """The SED capture asked for by ``--sed`` and the snapshots asked for by ``--snapshot-every``."""
+    from sed_lens.hooks.capture import GradientCapture
+    from sed_lens.hooks.snapshots import SnapshotStore
+
     out: list[Callback] = []
     if cfg.sed:
         out.append(GradientCapture(sources=cfg.sed, window=cfg.sed_window, k=cfg.sed_k, every=cfg.sed_every))
@@ -112,6 +136,9 @@ def train(cfg: GrokkingConfig, tracker: Run | None, callbacks: Sequence[Callback
     """Build and train ``cfg``'s model, logging to ``tracker``; returns the result, the task and the model.
 
     ``resume``: continue from the tracker's last checkpoint (from the start if it has none yet)."""
+    from sed_lens.models import model_spec
+    from sed_lens.training import Trainer
+
     cfg.train.validate()
     callbacks = [*capture_callbacks(cfg, tracker.dir if tracker is not None else None), *callbacks]
     task, model = build(cfg)
@@ -127,12 +154,41 @@ def train(cfg: GrokkingConfig, tracker: Run | None, callbacks: Sequence[Callback
     return result, task, model
 
 
-def run(cfg: GrokkingConfig, callbacks: Sequence[Callback] = (), resume: bool = False) -> tuple[TrainResult, Run]:
-    """Train ``cfg`` in a new run directory (or continue it, ``resume``); returns the result and the finished run."""
+def resolved(cfg: GrokkingConfig) -> GrokkingConfig:
+    """``cfg`` with the defaults that depend on other settings filled in (the preset's init, the run
+    directory), as ``config.json`` records them."""
+    return replace(cfg, init=cfg.init or get_preset(cfg.preset).default_init,
+                   run_dir=cfg.run_dir or str(default_run_dir("grokking", cfg.name)))
+
+
+def resume_command(run_dir: str | Path) -> str:
+    """The command that continues the grokking run in ``run_dir``."""
+    return f"python -m sed_lens.experiments.grokking --resume {shlex.quote(str(run_dir))}"
+
+
+def run(cfg: GrokkingConfig, callbacks: Sequence[Callback] = (), resume: bool = False,
+        announce: bool = False) -> tuple[TrainResult, Run]:
+    """Train ``cfg`` in a new run directory (or continue it, ``resume``); returns the result and the finished run.
+
+    ``announce``: print the run directory and the W&B run (one line on stdout) when it starts. Training stopped
+    by SIGINT or SIGTERM raises :class:`sed_lens.training.TrainingInterrupted` carrying the command that resumes it."""
+    from sed_lens.tasks import ModularArithmetic
+    from sed_lens.training import TrainingInterrupted
+
     cfg.train.validate()
-    capture_callbacks(cfg)  # validate the SED flags before creating the run directory
+    capture_callbacks(cfg)  # validate the SED flags and the task before creating the run directory
+    ModularArithmetic(cfg.p, cfg.ops, cfg.train_frac, cfg.seed, layout=get_preset(cfg.preset).layout)
+    resolve_device(cfg.device)  # an unavailable device is one line before the run directory exists
+    cfg = resolved(cfg)
     with open_run(cfg, resume=resume) as tracker:
-        result, _, _ = train(cfg, tracker, callbacks, resume=resume)
+        if announce:
+            print(f"grokking {cfg.name}: {'resuming' if resume else 'run directory'} {tracker.dir}; "
+                  f"{tracker.describe_wandb()}", flush=True)
+        try:
+            result, _, _ = train(cfg, tracker, callbacks, resume=resume)
+        except TrainingInterrupted as e:
+            e.resume_hint = resume_command(tracker.dir)
+            raise
         finish_run(cfg, result, tracker)
     return result, tracker
 
@@ -140,7 +196,8 @@ def run(cfg: GrokkingConfig, callbacks: Sequence[Callback] = (), resume: bool = 
 def saved_config(run_dir: str | Path, experiment: str = "grokking") -> dict[str, Any]:
     """The settings a run directory was made with (its ``config.json``)."""
     path = Path(run_dir)
-    check(path.is_dir(), f"cannot resume: run directory {path} does not exist.")
+    check(path.exists(), f"cannot resume: run directory {path} does not exist.")
+    check(path.is_dir(), f"cannot resume: {path} is a file, not a run directory.")
     check((path / "config.json").is_file(), f"cannot resume: {path} holds no config.json, so it is not a run directory.")
     try:
         saved = json.loads((path / "config.json").read_text())
@@ -151,23 +208,78 @@ def saved_config(run_dir: str | Path, experiment: str = "grokking") -> dict[str,
     return {k: v for k, v in saved.items() if k != "experiment"}
 
 
-def resume(run_dir: str | Path, progress: bool = True) -> tuple[GrokkingConfig, TrainResult, Run]:
-    """Continue the grokking run in ``run_dir`` from its last checkpoint, with its saved settings."""
-    cfg = config_from_dict(GrokkingConfig, saved_config(run_dir))
+def checkpoint_step(path: Path) -> int:
+    """The step of the checkpoint at ``path`` (:class:`SedLensError` if it cannot be read)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        check(isinstance(state, dict) and state.get("format") == "sed_lens.checkpoint/1", "not a checkpoint")
+        return int(state["step"])
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise SedLensError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}); "
+                           "it cannot be resumed.") from None
+
+
+def resume(run_dir: str | Path, progress: bool = True, steps: int | None = None,
+           announce: bool = False) -> tuple[GrokkingConfig, TrainResult, Run] | None:
+    """Continue the grokking run in ``run_dir`` from its last checkpoint, with its saved settings; ``steps``
+    raises its step cap (which also extends a finished run). Everything is checked before anything in the
+    directory changes. None (and one line on stdout) when the run is finished and ``steps`` does not extend it."""
+    path = Path(run_dir)
+    cfg = config_from_dict(GrokkingConfig, saved_config(path))
     cfg = replace(cfg, run_dir=str(run_dir), progress=progress, resume=None)
-    result, tracker = run(cfg, resume=True)
+    if (path / "metrics.jsonl").is_file():
+        read_jsonl(path / "metrics.jsonl")  # a damaged line (not a torn last one) stops here
+    ckpt = path / "checkpoints" / "last.pt"
+    at = checkpoint_step(ckpt) if ckpt.is_file() else 0
+    summary_path = path / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    except json.JSONDecodeError:
+        summary = {}
+    if "steps" in summary:  # finished
+        done = int(summary["steps"])
+        if steps is None:
+            print(f"grokking: {path} is a finished run ({done} steps); nothing to do — add --steps N (more than "
+                  f"{done}) to train it further.")
+            return None
+        check(steps > done, f"--steps {steps} does not extend {path}: it already ran {done} steps.")
+        check(not summary.get("stopped_early"),
+              f"{path} stopped early at step {done} by its stop rule, so more steps would stop again at once; "
+              "start a new run with --stop-patience 0 to train past it.")
+    elif steps is not None:
+        check(steps > at, f"--steps {steps} does not extend {path}: its checkpoint is at step {at}.")
+    if steps is not None:
+        cfg = replace(cfg, train=replace(cfg.train, steps=steps))
+        cfg.train.validate()
+        saved = json.loads((path / "config.json").read_text())
+        write_json(path / "config.json", {**saved, "train": {**saved.get("train", {}), "steps": steps}})
+    result, tracker = run(cfg, resume=True, announce=announce)
     return cfg, result, tracker
 
 
 def finish_run(cfg: GrokkingConfig, result: TrainResult, tracker: Run) -> list[Path]:
     """The end of a run: its figures in the run directory (grokking curves; SED spectra when ``--sed`` recorded
     any), logged to W&B as images, and its config, summary and SED bases as a W&B artifact."""
+    from sed_lens import plots
+
     figs = {"figures/grokking": plots.grokking_curves(result.history, cfg.ops, tracker.dir / "grokking.png",
                                                       result.grok_step, title=f"Grokking {cfg.name}")}
     if cfg.sed and plots.sed_streams(result.history):
         figs["figures/sed_spectra"] = plots.sed_spectra(result.history, tracker.dir / "sed_spectra.png",
-                                                        title=f"SED spectra over training ({cfg.name})")
+                                                        title=f"SED spectra over training ({cfg.name})",
+                                                        window=cfg.sed_window, k=cfg.sed_k)
+    final = measure_final_coupling(cfg, tracker.dir) if cfg.sed else None
+    if final is not None:
+        tracker.summary({"final_coupling": final})
+        figs["figures/coupling"] = plots.final_coupling(final, tracker.dir / "coupling.png",
+                                                        title=f"Coupling of the final SED bases ({cfg.name})")
     tracker.log_images(figs)
+    if cfg.sed:
+        note = sed_note(cfg)
+        tracker.summary({"sed": {"sources": list(cfg.sed), "streams": plots.sed_streams(result.history),
+                                 **({"note": note} if note else {})}})
     files = [tracker.dir / f for f in ("config.json", "summary.json", "model.json", "sed_bases.pt")
              if (tracker.dir / f).is_file()]
     tracker.log_artifact(f"grokking-{cfg.name}-{tracker.wandb_id}", "grokking-run", files,
@@ -175,11 +287,113 @@ def finish_run(cfg: GrokkingConfig, result: TrainResult, tracker: Run) -> list[P
     return list(figs.values())
 
 
+FINAL_COUPLING = {"n_probes": 1024, "n_random": 20, "random_seed": 0, "probe_seed": 0, "method": "hvp"}
+
+
+def measure_final_coupling(cfg: GrokkingConfig, run_dir: Path) -> dict[str, Any] | None:
+    """R_j and R̄ of the final update- and gradient-SED bases (``sed_bases.pt``) at the end of training (the
+    model of ``checkpoints/last.pt``), per op: :func:`sed_lens.analysis.coupling.coupling` with the task's
+    probes, 20 random directions and the exact ``hvp`` response; also R̄(gradient) / R̄(update). None when the
+    run saved no bases or no checkpoint (``--checkpoint-every 0``)."""
+    import time
+
+    import torch
+
+    from sed_lens.analysis.coupling import coupling
+    from sed_lens.loading import load_run
+    from sed_lens.subspace import ParamSubspace
+
+    if not (run_dir / "sed_bases.pt").is_file() or not (run_dir / "checkpoints" / "last.pt").is_file():
+        return None
+    t0 = time.perf_counter()
+    loaded = load_run(run_dir, device=cfg.device)
+    saved = loaded.sed_bases or {}
+    model, task = loaded.model, loaded.task
+    subspace = ParamSubspace.attention(model)
+    s = FINAL_COUPLING
+    probes = task.probes(min(s["n_probes"], len(task.pairs)), s["probe_seed"])
+    out: dict[str, Any] = {"step": saved.get("step"), "window": saved.get("window"), "k": saved.get("k"),
+                           **s, "n_probes": int(probes[0].shape[0]), "ops": {}, "gradient_update_ratio": {}}
+    for op in task.ops:
+        streams = [n for n in saved.get("bases", {}) if n in ("update", "gradient", f"task_gradient/{op}")]
+        if not streams:
+            continue
+        dirs = [saved["bases"][n]["directions"].float() for n in streams]
+        check(all(d.shape[1] == subspace.dim for d in dirs), "the saved SED bases do not match the model's attention subspace.")
+        res = coupling(model, subspace, torch.cat(dirs), probes, n_random=s["n_random"], seed=s["random_seed"],
+                       method=s["method"], task=op)
+        per: dict[str, Any] = {}
+        i = 0
+        for n, d in zip(streams, dirs, strict=True):
+            R = res.R[i:i + len(d)]
+            i += len(d)
+            per[n] = {"R": R.tolist(), "R_mean": float(R.mean()), "rank": int(saved["bases"][n]["rank"])}
+        per["median_random_A"] = res.median_random
+        out["ops"][op] = per
+        if "update" in per and "gradient" in per and per["update"]["R_mean"] > 0:
+            out["gradient_update_ratio"][op] = per["gradient"]["R_mean"] / per["update"]["R_mean"]
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out if out["ops"] else None
+
+
+def coupling_lines(final: dict[str, Any]) -> list[str]:
+    """The printed lines of :func:`measure_final_coupling`'s result."""
+    lines = [f"  final coupling at step {final['step']} (R_j = A(v_j) / median A(random), {final['method']}, "
+             f"{final['n_probes']} probes, {final['n_random']} random directions; {final['seconds']:.0f} s):"]
+    for op, per in final["ops"].items():
+        for stream, r in per.items():
+            if not isinstance(r, dict):
+                continue
+            rs = ", ".join(f"{x:.1f}" for x in r["R"])
+            name = f"{stream} SED" + (f" ({op})" if len(final["ops"]) > 1 else "")
+            lines.append(f"    {name:<16} R̄ = {r['R_mean']:7.2f} | R_1..R_{len(r['R'])} = {rs}"
+                         + (f" (rank {r['rank']})" if r["rank"] < len(r["R"]) else ""))
+        ratio = final["gradient_update_ratio"].get(op)
+        if ratio is not None:
+            lines.append(f"    gradient / update R̄ = {ratio:.2f}" + (f" ({op})" if len(final["ops"]) > 1 else ""))
+    return lines
+
+
 def grid_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Grid target (:mod:`sed_lens.grid`): one grokking run of ``config`` (a ``GrokkingConfig`` dict) in ``run_dir``."""
     cfg = config_from_dict(GrokkingConfig, {**config, "run_dir": run_dir, "progress": False})
     result, _ = run(cfg)
     return result.summary()
+
+
+def sed_note(cfg: GrokkingConfig) -> str | None:
+    """What the SED sources mean for this run: with one op and ``gradient`` also asked for, ``task_gradient``
+    is the ``gradient`` stream itself (recorded once, as ``sed/gradient/*``)."""
+    if "task_gradient" in cfg.sed and "gradient" in cfg.sed and len(cfg.ops) == 1:
+        return "task_gradient = gradient for a single-op run (recorded once, as sed/gradient/*)"
+    return None
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((run_dir / "summary.json").read_text()))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def sed_summary_lines(history: Sequence[dict[str, Any]], k: int) -> list[str]:
+    """Per SED stream, the spectrum σ_1..σ_{k+1} and gaps at the last eval and the largest σ_1/σ_2 gap of the run."""
+    if not history:
+        return []
+    last = history[-1]
+    streams = sorted({key.split("/sigma_")[0][4:] for key in last if key.startswith("sed/") and "/sigma_" in key})
+    lines = []
+    for s in streams:
+        sig = [last.get(f"sed/{s}/sigma_{j}") for j in range(1, k + 2)]
+        gaps = [last.get(f"sed/{s}/gap_{j}") for j in range(1, k + 1)]
+        g1 = [(r[f"sed/{s}/gap_1"], r["step"]) for r in history
+              if isinstance(r.get(f"sed/{s}/gap_1"), (int, float)) and r[f"sed/{s}/gap_1"] == r[f"sed/{s}/gap_1"]
+              and r[f"sed/{s}/gap_1"] != float("inf")]
+        peak = max(g1) if g1 else None
+        lines.append(f"    {s + ' SED':<16} σ_1..σ_{k + 1} = " + ", ".join(f"{v:.3g}" for v in sig if v is not None)
+                     + " | gaps = " + ", ".join(f"{v:.2f}" for v in gaps if v is not None)
+                     + (f" | peak σ1/σ2 {peak[0]:.1f} at step {peak[1]}" if peak else ""))
+    return lines
 
 
 def report(cfg: GrokkingConfig, result: TrainResult, tracker: Run) -> str:
@@ -192,9 +406,18 @@ def report(cfg: GrokkingConfig, result: TrainResult, tracker: Run) -> str:
         lines.append(f"  {op:>4}: grok step {g if g is not None else 'not reached'} | "
                      f"train acc {result.final[f'train/acc/{op}']:.3f} | test acc {result.final[f'test/acc/{op}']:.3f}")
     if cfg.sed:
+        note = sed_note(cfg)
+        if note:
+            lines.append(f"  {note}")
         lines.append(f"  SED ({', '.join(cfg.sed)}, W={cfg.sed_window}, k={cfg.sed_k}, every {cfg.sed_every} steps): "
                      f"spectra in metrics.jsonl, final bases in {tracker.dir / 'sed_bases.pt'}")
-    figs = [f for f in ("grokking.png", "sed_spectra.png") if (tracker.dir / f).is_file()]
+        lines.extend(sed_summary_lines(result.history, cfg.sed_k))
+        final = _read_summary(tracker.dir).get("final_coupling")
+        if final:
+            lines.extend(coupling_lines(final))
+        else:
+            lines.append("  final coupling: not measured (no checkpoint: --checkpoint-every 0, or no SED bases)")
+    figs = [f for f in ("grokking.png", "sed_spectra.png", "coupling.png") if (tracker.dir / f).is_file()]
     lines.append(f"  run directory: {tracker.dir} (figures: {', '.join(figs) or 'none'})")
     hint = tracker.sync_hint()
     if hint:
@@ -207,13 +430,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ns = ap.parse_args(argv)
     cfg = config_from_args(GrokkingConfig, ns)
     if cfg.resume is not None:
-        other = sorted(k for k in vars(ns) if k not in ("resume", "progress"))
-        check(not other, f"--resume continues a run with its saved settings; drop --{other[0].replace('_', '-')}."
-              if other else "")
-        cfg, result, tracker = resume(cfg.resume, cfg.progress)
+        other = sorted(k for k in vars(ns) if k not in ("resume", "progress", "steps"))
+        check(not other, f"--resume continues a run with its saved settings (only --steps N may extend it); "
+                         f"drop --{other[0].replace('_', '-')}." if other else "")
+        resumed = resume(cfg.resume, cfg.progress, steps=getattr(ns, "steps", None), announce=True)
+        if resumed is None:
+            return
+        cfg, result, tracker = resumed
     else:
         check(len(cfg.ops) > 0, "name at least one op.")
-        result, tracker = run(cfg)
+        result, tracker = run(cfg, announce=True)
     print(report(cfg, result, tracker))
 
 

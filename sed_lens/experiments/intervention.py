@@ -23,17 +23,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sed_lens import plots
+# Only torch-free modules at the top: flags are parsed (and --help answered) before torch, TransformerLens or
+# matplotlib are imported; the functions below import what they need when they run.
 from sed_lens.cli import config_from_args, config_from_dict, csv, parser_for, run_cli
+from sed_lens.configs import APPLY_TO, INITS, PRESETS, TrainConfig, get_preset
+from sed_lens.devices import DEVICES
 from sed_lens.errors import check
 from sed_lens.experiments import grokking
 from sed_lens.experiments.grokking import GrokkingConfig
 from sed_lens.grid import BACKENDS, Cell, raise_failures, run_grid
-from sed_lens.hooks.interventions import APPLY_TO, SubspaceProjection
-from sed_lens.models import INITS, PRESETS, get_preset
-from sed_lens.tasks import ModularArithmetic
 from sed_lens.tracking import WANDB_MODES, log_summary_run, read_jsonl, to_jsonable, write_json
-from sed_lens.training import TrainConfig
 
 TARGET = "sed_lens.experiments.intervention:grid_cell"
 
@@ -111,6 +110,9 @@ class InterventionConfig:
     ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local one)"})
     wandb_mode: str = field(default="offline", metadata={"help": "W&B mode of every run", "choices": WANDB_MODES})
     wandb_project: str = field(default="sed-lens", metadata={"help": "W&B project"})
+    device: str = field(default="auto", metadata={
+        "help": "where every run trains: auto (cuda if available, else mps, else cpu), cpu, cuda or mps",
+        "choices": DEVICES})
     progress: bool = field(default=True, metadata={"help": "show a progress bar over the runs"})
 
     def validate(self) -> None:
@@ -121,6 +123,9 @@ class InterventionConfig:
         check(len(set(self.conditions)) == len(self.conditions), "conditions must be distinct.")
         check(self.method in APPLY_TO, f"unknown method {self.method!r}; choose {' or '.join(APPLY_TO)}.")
         check(self.workers is None or self.workers >= 1, f"workers must be at least 1, got {self.workers}.")
+        from sed_lens.hooks.interventions import SubspaceProjection
+        from sed_lens.tasks import ModularArithmetic
+
         self.train.validate()
         ModularArithmetic(self.p, (self.op,), self.train_frac, self.seeds[0])  # validates op, p, train_frac
         for code in self.conditions:  # validates k, window, warmup for every condition used
@@ -145,7 +150,8 @@ def cells(cfg: InterventionConfig) -> list[Cell]:
         for seed in cfg.seeds:
             grok = GrokkingConfig(ops=(cfg.op,), p=cfg.p, seed=seed, preset=cfg.preset, init=cfg.init,
                                   train_frac=cfg.train_frac, train=TrainConfig(**asdict(cfg.train)),
-                                  wandb_mode=cfg.wandb_mode, wandb_project=cfg.wandb_project)
+                                  wandb_mode=cfg.wandb_mode, wandb_project=cfg.wandb_project, sed=(),
+                                  device=cfg.device)
             grok_dict = {k: v for k, v in asdict(grok).items() if k not in ("run_dir", "progress")}
             # The control changes nothing, whatever it would act on: one canonical config, so the gradient and
             # update grids of the same op can share their control runs.
@@ -159,10 +165,14 @@ def cells(cfg: InterventionConfig) -> list[Cell]:
 
 def grid_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Grid target: one grokking run with a :class:`SubspaceProjection` callback, in ``run_dir``."""
+    from sed_lens.hooks.interventions import SubspaceProjection
+    from sed_lens.training import curves
+
     grok = config_from_dict(GrokkingConfig, {**config["grokking"], "run_dir": run_dir, "progress": False})
     projection = SubspaceProjection(**config["projection"])
     result, _ = grokking.run(grok, [projection])
-    return {**result.summary(), "condition": config["condition"], "intervention": projection.describe()}
+    return {**result.summary(), "condition": config["condition"], "intervention": projection.describe(),
+            "history": curves(result.history, grok.ops)}
 
 
 # --- aggregation ------------------------------------------------------------------------------------------
@@ -256,6 +266,8 @@ def markdown_table(result: Mapping[str, Any]) -> str:
 
 def figures(result: Mapping[str, Any], out: Path) -> dict[str, str]:
     """accuracy.png (test accuracy vs step per run) and speedup.png (speedup per condition, seed spread)."""
+    from sed_lens import plots
+
     cfg = result["config"]
     where = f"{cfg['op']} mod {cfg['p']}, rank-{cfg['k']} {cfg['method']} projection"
     colors = {f"{c} {CONDITIONS[c].label}": plots.color(i) for i, c in enumerate(CONDITIONS)}

@@ -26,13 +26,13 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from sed_lens.analysis.sed import RollingSED
+from sed_lens.configs import SOURCES
+from sed_lens.devices import model_device
 from sed_lens.errors import check
 from sed_lens.models import as_label_dict, readout_logits, split_logits
 from sed_lens.subspace import ParamSubspace
 from sed_lens.tasks import Batch, ModularArithmetic
 from sed_lens.training import Callback, Trainer
-
-SOURCES = ("update", "gradient", "task_gradient")
 
 
 def gradient_batch(task: ModularArithmetic, n: int = 512, seed: int = 0, split: str = "all") -> Batch:
@@ -52,6 +52,8 @@ def task_gradients(model: HookedTransformer, subspace: ParamSubspace, tokens: Te
     the result equals separate per-op backward passes. ``.grad`` of the model is left untouched.
     """
     labels = as_label_dict(model, labels)
+    device = model_device(model)
+    tokens, labels = tokens.to(device), {op: y.to(device) for op, y in labels.items()}
     with torch.enable_grad():
         logits = split_logits(model, readout_logits(model, tokens), list(labels))
         losses = {op: F.cross_entropy(logits[op], y) for op, y in labels.items()}
@@ -67,8 +69,21 @@ def task_gradients(model: HookedTransformer, subspace: ParamSubspace, tokens: Te
 
 def capture_task_gradients(model: HookedTransformer, task: ModularArithmetic, subspace: ParamSubspace,
                            batch: Batch | None = None) -> dict[str, Float[Tensor, " P"]]:
-    """Per-op gradients on ``batch`` (default: :func:`gradient_batch` of ``task``), ``{op: [P]}``."""
-    tokens, labels = batch if batch is not None else gradient_batch(task)
+    """Per-op gradients on ``batch`` (default: :func:`gradient_batch` of ``task``), ``{op: [P]}``.
+
+    ``batch`` is ``(tokens, labels)`` as ``task.batch`` / ``task.probes`` return it (labels ``{op: [n]}``)."""
+    if batch is None:
+        batch = gradient_batch(task)
+    check(isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor)
+          and isinstance(batch[1], (Mapping, Tensor)),
+          f"batch must be a (tokens, labels) pair as task.batch(n) returns it, got "
+          f"{'a bare tensor' if isinstance(batch, Tensor) else type(batch).__name__}.")
+    tokens, labels = batch
+    if isinstance(labels, Tensor):
+        check(len(task.ops) == 1, f"labels for a multitask task must be a dict {{op: labels}} of {', '.join(task.ops)}.")
+        labels = {task.ops[0]: labels}
+    missing = [op for op in task.ops if op not in labels]
+    check(not missing, f"batch labels have no entry for op {', '.join(missing)}.")
     return task_gradients(model, subspace, tokens, {op: labels[op] for op in task.ops})
 
 
@@ -146,11 +161,15 @@ class GradientCapture(Callback):
         vectors: dict[str, Tensor] = {}
         if "update" in self.sources:
             w = self.subspace.weights()
-            if self.last_weights is not None:
-                vectors["update"] = w - self.last_weights
+            if self.last_weights is not None:  # on the CPU after a resume (checkpoints load there)
+                vectors["update"] = w - self.last_weights.to(w.device)
             self.last_weights = w.clone()
         if {"gradient", "task_gradient"} & set(self.sources):
+            device = model_device(trainer.model)
             tokens, labels = self.batch
+            if tokens.device != device:  # move the fixed batch once
+                tokens, labels = tokens.to(device), {op: y.to(device) for op, y in labels.items()}
+                self.batch = tokens, labels
             grads = task_gradients(trainer.model, self.subspace, tokens, {op: labels[op] for op in trainer.task.ops})
             vectors.update(snapshot_vectors(grads, self.sources, trainer.task.multitask))
         for name, vec in vectors.items():

@@ -66,13 +66,11 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from sed_lens.analysis.sed import RollingSED
+from sed_lens.configs import APPLY_TO, BASES, MODES
 from sed_lens.errors import SedLensError, check
 from sed_lens.subspace import ParamSubspace
 from sed_lens.training import Callback, Trainer
 
-MODES = ("keep", "remove", "none")
-BASES = ("sed", "random")
-APPLY_TO = ("gradient", "update")
 ORTHONORMAL_TOL = 1e-4  # max |V Vᵀ − I| accepted for a user basis (float32 rounding is ~1e-6)
 
 
@@ -213,7 +211,7 @@ class SubspaceProjection(Callback):
             out = vec
         else:
             check(v.shape[1] == vec.shape[0], f"the basis has dimension {v.shape[1]} but the vector {vec.shape[0]}.")
-            v = v.to(vec.dtype)
+            v = v.to(vec.device, vec.dtype)  # a random basis is drawn on the CPU; a window loaded from a checkpoint is there too
             inside = (vec @ v.T) @ v
             out = inside if self.mode == "keep" else vec - inside
         self.window_sed.push(out)
