@@ -25,6 +25,8 @@ SECTIONS = [
     ("Coupling per snapshot: exact JVP / HVP vs finite differences", "benchmarks.coupling",
      ["--reps", "1", "--train-steps", "50"]),
     ("Memory: an 8,000-step streaming run vs a checkpoint every 25 steps", "benchmarks.memory", ["--steps", "1000"]),
+    ("Command-line latency: --help and a bad flag", "benchmarks.cli_latency", []),
+    ("The reproduction protocol, phase by phase (from the runs' own timings)", "benchmarks.protocol_profile", []),
 ]
 
 

@@ -128,7 +128,9 @@ def die_with_parent(parent: int) -> None:
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        # SIGKILL, not SIGTERM: a training run turns SIGTERM into "checkpoint and stop" and would then sit idle in
+        # the pool; a grid cell that did not finish is run again from the start anyway.
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() != parent:  # the parent died before the request took effect
@@ -146,13 +148,15 @@ def _execute_safely(cell: Cell, run_dir: str, threads: int | None) -> tuple[dict
 
 def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", workers: int | None = None,
              threads: int = 1, ray_address: str | None = None, progress: bool = True,
-             desc: str = "grid", changed: str = "error") -> list[CellResult]:
+             desc: str = "grid", changed: str = "error",
+             on_done: Callable[[CellResult], None] | None = None) -> list[CellResult]:
     """Run every incomplete cell of ``cells`` under ``root``; results in the order of ``cells``.
 
     A cell is skipped when its directory holds a ``cell.json`` with the same config. One with another config
     raises :class:`SedLensError` before any work (``changed="error"``) or is deleted and run again
     (``changed="rerun"``). A cell that raises is reported in its :class:`CellResult` (``error``) and the others still run;
-    call :func:`raise_failures` to turn failures into one error.
+    call :func:`raise_failures` to turn failures into one error. ``on_done(result)`` is called in this process as
+    each cell finishes (or fails), e.g. to keep a copy of its results as soon as they exist.
     """
     check(backend in BACKENDS, f"unknown grid backend {backend!r}; choose {' or '.join(BACKENDS)}.")
     workers = max(1, (os.cpu_count() or 1) // max(1, threads)) if workers is None else workers
@@ -181,12 +185,14 @@ def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", wo
                dynamic_ncols=True)
     try:
         if backend == "ray":
-            _run_ray(todo, root, ray_address, threads, workers, results, bar)
+            _run_ray(todo, root, ray_address, threads, workers, results, bar, on_done)
         elif workers == 1 or len(todo) <= 1:
             for c in todo:
                 summary, err = _execute_safely(c, str(root / c.name), threads)
                 results[c.name] = CellResult(c.name, str(root / c.name), summary, error=err)
                 bar.update(1)
+                if on_done is not None:
+                    on_done(results[c.name])
         else:
             with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn"),
                                      initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
@@ -197,13 +203,15 @@ def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", wo
                     summary, err = fut.result()
                     results[c.name] = CellResult(c.name, str(root / c.name), summary, error=err)
                     bar.update(1)
+                    if on_done is not None:
+                        on_done(results[c.name])
     finally:
         bar.close()
     return [results[c.name] for c in cells]
 
 
 def _run_ray(todo: list[Cell], root: Path, address: str | None, threads: int, workers: int,
-             results: dict[str, CellResult], bar: Any) -> None:
+             results: dict[str, CellResult], bar: Any, on_done: Callable[[CellResult], None] | None = None) -> None:
     if not todo:
         return  # every cell is complete: no need to start Ray
     try:
@@ -232,6 +240,8 @@ def _run_ray(todo: list[Cell], root: Path, address: str | None, threads: int, wo
                 summary, err = None, f"{type(e).__name__}: {e}"
             results[c.name] = CellResult(c.name, str(root / c.name), summary, error=err)
             bar.update(1)
+            if on_done is not None:
+                on_done(results[c.name])
     finally:
         if started:
             ray.shutdown()

@@ -6,7 +6,10 @@ ops' cross-entropies → backward → global grad-norm clip → ``on_before_step
 train and test splits are evaluated; ``on_eval`` callbacks may add entries to the logged metrics. Training
 stops after ``steps`` steps, or once every op's test accuracy has been ≥ ``stop_acc`` for ``stop_patience``
 consecutive evals, or (``stop_at_grok``) at the first eval at which every op has grokked. The grok step of an op
-is the first eval step with test accuracy ≥ ``grok_acc``.
+is the first eval step with test accuracy ≥ ``grok_acc``. With ``post_grok_steps`` the same trajectory goes on past
+the stop rule until that many steps after the first eval at which every op reached ``stop_acc``
+(``TrainResult.cross_step``); ``TrainResult.stop_step`` records where the stop rule fired, so the stop-rule run is
+a prefix of the longer one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from __future__ import annotations
 import io
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,50 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain tqdm: tqdm.auto warns (TqdmWarning) in Jupyter without ipywidgets
 from transformer_lens import HookedTransformer
 
+from sed_lens.configs import TrainConfig  # torch-free, so that CLIs parse flags before importing torch
+from sed_lens.devices import model_device
 from sed_lens.errors import SedLensError, check
 from sed_lens.models import get_readout, op_losses, split_logits
 from sed_lens.tasks import ModularArithmetic
 from sed_lens.tracking import Run, atomic_write_bytes
-
-
-@dataclass
-class TrainConfig:
-    """Training protocol; the defaults are the paper's (Xu 2026, §2)."""
-
-    steps: int = field(default=8000, metadata={"help": "maximum optimizer steps"})
-    batch_size: int = field(default=512, metadata={"help": "train pairs per step, sampled with replacement"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=1.0, metadata={"help": "AdamW decoupled weight decay"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.98, metadata={"help": "AdamW beta2"})
-    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0 disables)"})
-    eval_every: int = field(default=25, metadata={"help": "evaluate the full train and test splits every N steps"})
-    stop_acc: float = field(default=0.98, metadata={"help": "early stop: test accuracy every op must reach"})
-    stop_patience: int = field(default=20, metadata={
-        "help": "early stop after this many consecutive evals at stop-acc (0 disables)"})
-    grok_acc: float = field(default=0.5, metadata={"help": "grok step = first eval with test accuracy at least this"})
-    stop_at_grok: bool = field(default=False, metadata={
-        "help": "stop at the first eval at which every op has grokked (for experiments that only measure the grok step)"})
-    checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps (0 disables)"})
-    sampler_seed: int | None = field(default=None, metadata={"help": "seed of the batch sampler (default: the task seed)"})
-    deterministic: bool = field(default=True, metadata={
-        "help": "use PyTorch's deterministic algorithms while training, so reruns are bit-identical"})
-
-    def validate(self) -> None:
-        check(self.steps >= 0, f"steps must be non-negative, got {self.steps}.")
-        check(self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}.")
-        check(self.lr > 0 and math.isfinite(self.lr), f"learning rate must be positive, got {self.lr}.")
-        check(self.weight_decay >= 0, f"weight decay must be non-negative, got {self.weight_decay}.")
-        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas must lie in [0, 1), got ({self.beta1}, {self.beta2}).")
-        check(self.grad_clip >= 0, f"grad clip must be non-negative (0 disables it), got {self.grad_clip}.")
-        check(self.eval_every >= 1, f"eval-every must be at least 1, got {self.eval_every}.")
-        check(0 < self.stop_acc <= 1, f"stop accuracy must lie in (0, 1], got {self.stop_acc}.")
-        check(self.stop_patience >= 0, f"stop patience must be non-negative, got {self.stop_patience}.")
-        check(0 < self.grok_acc <= 1, f"grok accuracy must lie in (0, 1], got {self.grok_acc}.")
-        check(self.checkpoint_every >= 0, f"checkpoint-every must be non-negative, got {self.checkpoint_every}.")
 
 
 class Callback:
@@ -99,14 +70,43 @@ class TrainResult:
     stopped_early: bool
     wall_time: float
     history: list[dict[str, Any]]
+    stop_step: int | None = None  # the step at which the stop rule fired (None: it never did)
+    cross_step: int | None = None  # the first eval at which every op's test accuracy reached stop_acc
+    timings: dict[str, float] = field(default_factory=dict)  # seconds spent in evals and checkpoints (this session)
 
     def summary(self) -> dict[str, Any]:
         return {"steps": self.steps, "grok_step": self.grok_step, "final": self.final,
-                "stopped_early": self.stopped_early, "wall_time_s": round(self.wall_time, 3)}
+                "stopped_early": self.stopped_early, "stop_step": self.stop_step, "cross_step": self.cross_step,
+                "wall_time_s": round(self.wall_time, 3), "timings": {k: round(v, 3) for k, v in self.timings.items()}}
+
+
+def curves(history: Sequence[dict[str, Any]], ops: Sequence[str]) -> dict[str, list[Any]]:
+    """The accuracy and loss curves of a run (train and test, per op) at every eval of ``history``
+    (:attr:`TrainResult.history`), as columns rounded to 5 digits: what a compact record of a run keeps."""
+    cols = [f"{split}/{m}/{op}" for op in ops for split in ("train", "test") for m in ("acc", "loss")]
+    return {"step": [int(r["step"]) for r in history],
+            **{c: [None if r.get(c) is None else round(float(r[c]), 5) for r in history] for c in cols}}
 
 
 class TrainingDiverged(SedLensError):
     """The loss or the gradient became NaN/inf."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM after writing a checkpoint at ``step`` (``checkpoint``;
+    None without a run directory). ``exit_code`` is the shell's 128 + signal number (130, 143)."""
+
+    def __init__(self, step: int, checkpoint: Path | None, signum: int) -> None:
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+        self.exit_code = 128 + int(signum)
+        self.resume_hint: str | None = None  # the command that continues the run, set by an experiment's CLI
+        name = signal.Signals(signum).name
+        where = f"; checkpoint {checkpoint}" if checkpoint is not None else " (no run directory, so no checkpoint)"
+        super().__init__(f"{name} at step {step}{where}")
+
+    def describe(self) -> str:
+        """One line: the step, the checkpoint and the command that resumes."""
+        return f"{self} — resume with: {self.resume_hint}" if self.resume_hint and self.checkpoint else str(self)
 
 
 @torch.inference_mode()
@@ -114,13 +114,14 @@ def evaluate(model: HookedTransformer, task: ModularArithmetic) -> dict[str, flo
     """Loss and accuracy of every op on the full train and test splits, from one forward pass over the grid."""
     was_training = model.training
     model.eval()
-    logits = model(task.tokens)[:, get_readout(model).position]
+    device = model_device(model)
+    logits = model(task.tokens.to(device))[:, get_readout(model).position]
     model.train(was_training)
     out: dict[str, float] = {}
     per_op = split_logits(model, logits, task.ops)
-    for split, idx in (("train", task.train_idx), ("test", task.test_idx)):
+    for split, idx in (("train", task.train_idx.to(device)), ("test", task.test_idx.to(device))):
         for op in task.ops:
-            lg, y = per_op[op][idx], task.labels[op][idx]
+            lg, y = per_op[op][idx], task.labels[op].to(device)[idx]
             out[f"{split}/loss/{op}"] = torch.nn.functional.cross_entropy(lg, y).item()
             out[f"{split}/acc/{op}"] = (lg.argmax(-1) == y).float().mean().item()
         out[f"{split}/acc"] = float(np.mean([out[f"{split}/acc/{op}"] for op in task.ops]))
@@ -159,6 +160,12 @@ class Trainer:
         readout = get_readout(model)
         for op in task.ops:
             readout.index(op)  # raises if the model has no head for op
+        # A model with sed_lens readout metadata was built for one modulus; a bare HookedTransformer's outputs
+        # (all of d_vocab_out) must at least hold every label.
+        exact = getattr(model, "sed_readout", None) is not None
+        check(readout.n_classes == task.p if exact else readout.n_classes >= task.p,
+              f"the model predicts {readout.n_classes} classes per op but the task has p={task.p}; "
+              f"build the model for this task (build_model(preset, task)).")
         check(model.cfg.d_vocab >= task.d_vocab,
               f"the task has {task.d_vocab} input tokens but the model embeds only {model.cfg.d_vocab}.")
         check(model.cfg.n_ctx >= task.n_ctx,
@@ -178,7 +185,10 @@ class Trainer:
         self.grok_step: dict[str, int | None] = {op: None for op in task.ops}
         self.patience = 0
         self.stopped_early = False
+        self.stop_step: int | None = None  # when the stop rule fired (training may go on: post_grok_steps)
+        self.cross_step: int | None = None  # first eval with every op's test accuracy ≥ stop_acc
         self.wall_time = 0.0
+        self.timings: dict[str, float] = {"eval": 0.0, "checkpoint": 0.0}
 
     # --- the loop ----------------------------------------------------------------------------------------
     def fit(self, resume_from: str | Path | None = None) -> TrainResult:
@@ -206,20 +216,26 @@ class Trainer:
             cb.on_train_start(self)
         if self.step == 0:
             self._eval()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
-                   mininterval=0.5, dynamic_ncols=True, leave=False)
-        try:
-            while self.step < cfg.steps and not self.stopped_early:
-                self.train_step()
-                if self.step % cfg.eval_every == 0:
-                    row = self._eval()
-                    bar.set_postfix(loss=f"{self.loss:.3g}", test_acc=f"{_min_test_acc(row, self.task):.3f}")
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.run is not None:
-                    self.wall_time = wall_before + time.perf_counter() - t_start
-                    self.save_checkpoint(self.checkpoint_path)
-                bar.update(1)
-        finally:
-            bar.close()
+        bar = _Progress(self) if self.progress and self.step < cfg.steps and not self.stopped_early else None
+        # SIGINT (Ctrl-C) and SIGTERM (a scheduler's time limit) end the current step, write a checkpoint at it
+        # and raise TrainingInterrupted (a KeyboardInterrupt) that says where the checkpoint is.
+        with _StopSignals() as stop:
+            try:
+                while self.step < cfg.steps and not self.stopped_early:
+                    self.train_step()
+                    row = self._eval() if self.step % cfg.eval_every == 0 else None
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.run is not None:
+                        self.wall_time = wall_before + time.perf_counter() - t_start
+                        self.save_checkpoint(self.checkpoint_path)
+                    if bar is not None:
+                        bar.step(row)
+                    if stop.signum is not None:
+                        self.wall_time = wall_before + time.perf_counter() - t_start
+                        saved = self.save_checkpoint(self.checkpoint_path) if self.run is not None else None
+                        raise TrainingInterrupted(self.step, saved, stop.signum)
+            finally:
+                if bar is not None:
+                    bar.close()
         self.wall_time = wall_before + time.perf_counter() - t_start
         for cb in self.callbacks:
             cb.on_train_end(self)
@@ -235,6 +251,8 @@ class Trainer:
         cfg = self.config
         self.step += 1
         tokens, labels = self.task.batch(cfg.batch_size, self.sampler)
+        device = model_device(self.model)
+        tokens, labels = tokens.to(device), {op: y.to(device) for op, y in labels.items()}
         losses = op_losses(self.model, tokens, labels)
         loss: Tensor = sum(losses.values())  # type: ignore[assignment]
         self.optimizer.zero_grad(set_to_none=True)
@@ -256,15 +274,25 @@ class Trainer:
             cb.on_after_step(self)
 
     def _eval(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
         row: dict[str, Any] = {"loss": self.loss, "grad_norm": self.grad_norm, **evaluate(self.model, self.task)}
+        self.timings["eval"] += time.perf_counter() - t0
         for cb in self.callbacks:
             cb.on_eval(self, row)
         for op in self.task.ops:
             if self.grok_step[op] is None and row[f"test/acc/{op}"] >= self.config.grok_acc:
                 self.grok_step[op] = self.step
+        held = _min_test_acc(row, self.task) >= self.config.stop_acc
+        if self.step > 0 and held and self.cross_step is None:
+            self.cross_step = self.step
         if self.step > 0 and self.config.stop_patience > 0:
-            self.patience = self.patience + 1 if _min_test_acc(row, self.task) >= self.config.stop_acc else 0
-            self.stopped_early = self.patience >= self.config.stop_patience
+            self.patience = self.patience + 1 if held else 0
+            if self.stop_step is None and self.patience >= self.config.stop_patience:
+                self.stop_step = self.step
+            if self.stop_step is not None:
+                assert self.cross_step is not None
+                # The stop rule has fired; with post_grok_steps the same trajectory continues past it.
+                self.stopped_early = self.step >= max(self.stop_step, self.cross_step + self.config.post_grok_steps)
         if self.config.stop_at_grok and all(g is not None for g in self.grok_step.values()):
             self.stopped_early = True
         row = {"step": self.step, **row}
@@ -276,7 +304,8 @@ class Trainer:
     def result(self) -> TrainResult:
         last = self.history[-1] if self.history else {}
         final = {k: v for k, v in last.items() if k.startswith(("train/", "test/"))}
-        return TrainResult(self.step, dict(self.grok_step), final, self.stopped_early, self.wall_time, list(self.history))
+        return TrainResult(self.step, dict(self.grok_step), final, self.stopped_early, self.wall_time, list(self.history),
+                           self.stop_step, self.cross_step, dict(self.timings))
 
     # --- checkpoints -------------------------------------------------------------------------------------
     @property
@@ -297,6 +326,7 @@ class Trainer:
             "python_rng": random.getstate(),
             "trainer": {"loss": self.loss, "grad_norm": self.grad_norm, "grok_step": self.grok_step,
                         "patience": self.patience, "stopped_early": self.stopped_early,
+                        "stop_step": self.stop_step, "cross_step": self.cross_step,
                         "wall_time": self.wall_time, "history": self.history},
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "config": asdict(self.config),
@@ -304,6 +334,7 @@ class Trainer:
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """Write :meth:`state_dict` atomically (temporary file + rename) to ``path``."""
+        t0 = time.perf_counter()
         buf = io.BytesIO()
         torch.save(self.state_dict(), buf)
         try:
@@ -311,6 +342,7 @@ class Trainer:
         except OSError as e:
             raise SedLensError(f"could not write checkpoint {path}: {e.strerror or e}; "
                                "the previous checkpoint is intact.") from None
+        self.timings["checkpoint"] += time.perf_counter() - t0
         return Path(path)
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -335,6 +367,7 @@ class Trainer:
         self.step = state["step"]
         self.loss, self.grad_norm = t["loss"], t["grad_norm"]
         self.grok_step, self.patience, self.stopped_early = dict(t["grok_step"]), t["patience"], t["stopped_early"]
+        self.stop_step, self.cross_step = t.get("stop_step"), t.get("cross_step")
         self.wall_time, self.history = t["wall_time"], list(t["history"])
         for cb, s in zip(self.callbacks, state["callbacks"], strict=True):
             cb.load_state_dict(s)
@@ -342,3 +375,90 @@ class Trainer:
 
 def _min_test_acc(row: dict[str, Any], task: ModularArithmetic) -> float:
     return min(row[f"test/acc/{op}"] for op in task.ops)
+
+
+class _StopSignals:
+    """While active (main thread only), SIGINT and SIGTERM set ``signum`` instead of stopping the process, so
+    the training loop can finish its step and checkpoint; a second signal stops at once as usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # asked twice: give up on the checkpoint
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                try:
+                    self.previous[s] = signal.signal(s, self._handle)
+                except (ValueError, OSError):  # e.g. an embedded interpreter that owns its signals
+                    pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+
+class _Progress:
+    """Training progress. In a terminal or notebook a tqdm bar over the step cap (the description says when the
+    stop rule can end the run sooner) with loss, train and test accuracy; elsewhere — a log file, CI — a plain
+    line about every 5 % of the cap, so logs get no carriage-return updates."""
+
+    LINES = 20
+
+    def __init__(self, trainer: Trainer) -> None:
+        cfg = trainer.config
+        self.trainer = trainer
+        if cfg.stop_at_grok:
+            note = f" (stops at grok: test acc ≥ {cfg.grok_acc:g})"
+        elif cfg.stop_patience > 0:
+            note = f" (stops early at test acc ≥ {cfg.stop_acc:g})"
+        else:
+            note = ""
+        self.desc = f"train{note}"
+        self.t0 = time.perf_counter()
+        self.last_line: int | None = None
+        self.bar: Any = None
+        if sys.stderr.isatty() or "ipykernel" in sys.modules:
+            self.bar = tqdm(total=cfg.steps, initial=trainer.step, desc=self.desc, unit="step", mininterval=0.5,
+                            dynamic_ncols=True, leave=True)
+        else:
+            n_evals = max(1, cfg.steps // cfg.eval_every)
+            self.every = math.ceil(n_evals / self.LINES) * cfg.eval_every
+
+    def status(self, row: dict[str, Any]) -> dict[str, str]:
+        ops = self.trainer.task.ops
+        return {"loss": f"{self.trainer.loss:.3g}",
+                "train_acc": f"{min(row[f'train/acc/{op}'] for op in ops):.3f}",
+                "test_acc": f"{min(row[f'test/acc/{op}'] for op in ops):.3f}"}
+
+    def step(self, row: dict[str, Any] | None) -> None:
+        if self.bar is not None:
+            if row is not None:
+                self.bar.set_postfix(self.status(row), refresh=False)
+            self.bar.update(1)
+        elif row is not None and self.trainer.step % self.every == 0:
+            self.line(row)
+
+    def line(self, row: dict[str, Any]) -> None:
+        t = self.trainer
+        status = " | ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.status(row).items())
+        print(f"{self.desc}: step {t.step}/{t.config.steps} | {status} | {time.perf_counter() - self.t0:.1f} s",
+              file=sys.stderr, flush=True)
+        self.last_line = t.step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.trainer.history and self.last_line != self.trainer.step and self.trainer.history[-1]["step"] > 0:
+            self.line(self.trainer.history[-1])

@@ -26,3 +26,24 @@ def test_run_all_writes_the_failure_and_exits_nonzero(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="failed: benchmarks.no_such_benchmark"):
         run_all.main()
     assert "FAILED" in (tmp_path / "B.md").read_text()
+
+
+def test_protocol_profile_adds_up_the_runs_own_timings(tmp_path):
+    import json
+
+    from test_reproduction_report import coupling_cell, intervention_cell
+
+    from benchmarks.protocol_profile import profile
+
+    cell = coupling_cell("add", 42, 120.0, 8.0, 260.0)
+    cell["summary"]["train"]["timings"] = {"eval": 40.0, "checkpoint": 5.0}
+    cell["summary"]["timings"].update({"scan_parts": {"streams": 20.0, "responses/hvp": 150.0, "responses/fd": 25.0},
+                                       "measured_directions": {"hvp": 1000, "fd": 200}})
+    (tmp_path / "c.json").write_text(json.dumps(cell))
+    (tmp_path / "i.json").write_text(json.dumps(intervention_cell("add", 42, "C", "gradient", 900)))
+    times, dirs, n = profile(tmp_path)
+    assert n == 2 and dirs == {"hvp": 1000, "fd": 200}
+    assert times["coupling runs: optimizer steps"] == 300.0 - 45.0
+    assert times["scan: centroid responses, exact (HVP)"] == 150.0
+    assert times["scan: other (bookkeeping, loading snapshots)"] == 200.0 - 195.0
+    assert sum(times.values()) == 300.0 + 200.0 + 1.0 + 60.0

@@ -161,6 +161,13 @@ def test_trainer_rejects_a_model_without_the_tasks_heads(tiny_task, tiny_multita
         Trainer(build_model("xu2026", ModularArithmetic(p=11, ops=("add", "sub"))), tiny_multitask)
 
 
+def test_trainer_rejects_a_model_built_for_another_modulus():
+    model = build_model("xu2026", ModularArithmetic(p=29, ops=("add",)))
+    with pytest.raises(SedLensError, match="predicts 29 classes per op but the task has p=23") as e:
+        Trainer(model, ModularArithmetic(p=23, ops=("add",)), progress=False)
+    assert "\n" not in str(e.value)
+
+
 def test_reruns_are_bit_identical(tiny_multitask):
     cfg = TrainConfig(steps=30, eval_every=10, checkpoint_every=0)
     a = Trainer(build_model("xu2026", tiny_multitask, seed=3), tiny_multitask, cfg, progress=False).fit()
@@ -181,3 +188,29 @@ def test_stop_at_grok_stops_at_the_first_eval_where_every_op_has_grokked():
     res = Trainer(build_model("xu2026", task, seed=0, init="tl"), task, cfg, progress=False).fit()
     assert res.stopped_early and res.steps == first and res.grok_step == {"add": first}
     assert res.history == full.history[: len(res.history)]
+
+
+def test_progress_outside_a_terminal_is_plain_lines_with_accuracies(tiny_task, capsys):
+    cfg = TrainConfig(steps=400, eval_every=5, checkpoint_every=0, stop_patience=2, stop_acc=1.0)
+    Trainer(build_model("xu2026", tiny_task), tiny_task, cfg, progress=True).fit()
+    err = capsys.readouterr().err  # pytest's capture is not a terminal
+    lines = err.strip().splitlines()
+    assert "\r" not in err and 1 <= len(lines) <= 21
+    assert lines[0].startswith("train (stops early at test acc ≥ 1): step 20/400 | loss ")
+    assert all("train acc" in line and "test acc" in line for line in lines)
+
+
+def test_post_grok_steps_continue_the_same_trajectory_past_the_stop_rule(tiny_task):
+    accs = [0.0, 0.2, 0.99, 0.99, 0.99] + [0.99] * 10
+    cfg = TrainConfig(steps=400, eval_every=10, checkpoint_every=0, stop_patience=3)
+    short = Trainer(build_model("xu2026", tiny_task, seed=0), tiny_task, cfg, [ScriptedAccuracy(list(accs))],
+                    progress=False).fit()
+    cfg_long = TrainConfig(steps=400, eval_every=10, checkpoint_every=0, stop_patience=3, post_grok_steps=50)
+    long = Trainer(build_model("xu2026", tiny_task, seed=0), tiny_task, cfg_long, [ScriptedAccuracy(list(accs))],
+                   progress=False).fit()
+    # The stop rule fires at step 40 (3 evals >= 0.98 since step 20); the long run goes on to 20 + 50 = 70.
+    assert (short.steps, short.stop_step, short.cross_step) == (40, 40, 20)
+    assert (long.steps, long.stop_step, long.cross_step) == (70, 40, 20) and long.stopped_early
+    # Bitwise the same trajectory up to the stop step.
+    assert [r["loss"] for r in long.history[:len(short.history)]] == [r["loss"] for r in short.history]
+    assert long.summary()["stop_step"] == 40

@@ -6,7 +6,17 @@ import torch
 from cli_helpers import call_main
 
 from sed_lens.analysis.sed import window_bounds
-from sed_lens.analysis.trajectory import ScanConfig, recompute_artifact, scan_coupling, snapshot_indices
+from sed_lens.analysis.trajectory import (
+    ScanConfig,
+    TrajectoryScan,
+    extended_indices,
+    phase_bounds,
+    phase_of,
+    recompute_artifact,
+    scan_coupling,
+    snapshot_indices,
+    summarize,
+)
 from sed_lens.cli import run_cli
 from sed_lens.errors import SedLensError
 from sed_lens.experiments import coupling as coupling_exp
@@ -156,3 +166,44 @@ def test_a_snapshot_directory_loads_back_as_the_store_that_wrote_it(tmp_path):
         assert s1 == s2 and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SedLensError, match="no saved snapshots"):
         SnapshotStore.load(tmp_path, every=3)
+
+
+def test_extended_indices_continue_the_spacing_to_the_end():
+    assert extended_indices([0, 3, 6, 9], 16) == [0, 3, 6, 9, 12, 15]
+    assert extended_indices([0, 3, 6, 9], 10) == [0, 3, 6, 9]
+    assert extended_indices([0, 4, 8], 11) == [0, 4, 8, 10]  # the last snapshot is always measured
+
+
+def test_phases_come_from_the_runs_own_accuracy_curve():
+    history = [{"step": s, "test/acc/add": a} for s, a in ((0, 0.01), (25, 0.05), (50, 0.3), (75, 0.99), (100, 1.0))]
+    assert phase_bounds(history, "add") == (50, 75)
+    assert [phase_of(s, (50, 75)) for s in (25, 50, 74, 75, 200)] == ["pre", "transition", "transition", "post", "post"]
+    assert phase_bounds(history[:2], "add") == (None, None) and phase_of(10, (None, None)) == "pre"
+    rows = [{"step": s, "ops": {"add": {"gradient/leading": {"R": [m], "R_mean": m}}}}
+            for s, m in ((0, 1.0), (25, 3.0), (50, 10.0), (60, 20.0), (75, 5.0), (100, 7.0))]
+    s = summarize(rows, ["add"], {"add": (50, 75)})["add"]["gradient/leading"]
+    assert s["phase_median_R_mean"] == {"pre": 2.0, "transition": 15.0, "post": 6.0}
+    assert s["phase_count"] == {"pre": 2, "transition": 2, "post": 2}
+
+
+def test_a_longer_run_reuses_every_response_it_shares_with_the_shorter_one(run):
+    task, model, store = run
+    cfg = ScanConfig(window=3, k=2, n_probes=16, n_random=3, analysis_seeds=2, fd_compare=True)
+    n_short, n_long = 6, len(store)
+    short_idx = snapshot_indices(n_short, 3)
+    long_idx = extended_indices(short_idx, n_long)
+    engine = TrajectoryScan(model, task, store, cfg, progress=False)
+    engine.run(n_short, short_idx)
+    cached = engine.run(n_long, long_idx)
+    fresh = TrajectoryScan(model, task, store, cfg, progress=False).run(n_long, long_idx)
+    for a, b in zip(cached["snapshots"], fresh["snapshots"], strict=True):
+        for key, res in b["ops"]["add"].items():
+            if key != "random":
+                assert a["ops"]["add"][key]["R"] == pytest.approx(res["R"], rel=1e-5), key
+    keys = set(fresh["snapshots"][0]["ops"]["add"])
+    assert {"gradient/leading/fd_eps=0.005", "update/leading/fd_eps=0.005"} <= keys
+    # A second analysis seed: other probes, batch and random directions, the first alignment only.
+    other = engine.run(n_long, long_idx, analysis_seed=1, headline_only=True)
+    assert set(other["snapshots"][0]["ops"]["add"]) == {"random", "gradient/leading", "update/leading"}
+    assert other["snapshots"][-1]["ops"]["add"]["gradient/leading"]["R"] != \
+        fresh["snapshots"][-1]["ops"]["add"]["gradient/leading"]["R"]

@@ -18,74 +18,29 @@ t = 0. Optional ablations: other window sizes (k = 1, peak R_1) and finite diffe
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain tqdm: tqdm.auto warns (TqdmWarning) in Jupyter without ipywidgets
 from transformer_lens import HookedTransformer
 
-from sed_lens.analysis.centroids import DEFAULT_SITE, READOUTS
-from sed_lens.analysis.coupling import METHODS, centroid_response, perturbation_scale, ratios
-from sed_lens.analysis.sed import ALIGNMENTS, SEDBasis, sed_over_sequence
+from sed_lens.analysis.coupling import centroid_response, perturbation_scale, ratios
+from sed_lens.analysis.sed import SEDBasis, sed_over_sequence, window_bounds
+from sed_lens.configs import ScanConfig
 from sed_lens.errors import check
-from sed_lens.hooks.capture import SOURCES, capture_offline, gradient_batch
+from sed_lens.hooks.capture import capture_offline, gradient_batch
 from sed_lens.models import model_spec
 from sed_lens.subspace import ParamSubspace
 from sed_lens.tasks import ModularArithmetic
 
 ARTIFACT_FORMAT = "sed_lens.coupling_snapshot/1"
 BASES_FORMAT = "sed_lens.coupling_bases/1"
-
-
-@dataclass
-class ScanConfig:
-    """What :func:`scan_coupling` measures; the defaults are the paper's."""
-
-    n_snapshots: int = field(default=40, metadata={"help": "evenly spaced snapshots to measure (paper: 40, multitask 30)"})
-    window: int = field(default=20, metadata={"help": "SED window W (snapshots)"})
-    k: int = field(default=3, metadata={"help": "SED directions k"})
-    aligns: tuple[str, ...] = field(default=("leading", "trailing"), metadata={
-        "help": "window alignments: leading (paper's code), trailing (causal)"})
-    sources: tuple[str, ...] = field(default=("update", "gradient", "task_gradient"), metadata={
-        "help": "SED sources (task_gradient only for a multitask model, where it differs from gradient)"})
-    n_probes: int = field(default=1024, metadata={"help": "probe pairs from the whole grid"})
-    probe_seed: int = field(default=0, metadata={"help": "seed of the probe set"})
-    n_random: int = field(default=20, metadata={"help": "random directions per snapshot (redrawn at each)"})
-    random_seed: int = field(default=1, metadata={"help": "seed of the random directions"})
-    method: str = field(default="hvp", metadata={
-        "help": "centroid response: hvp or jvp (exact, same value; hvp is the faster here) or fd (the paper's finite "
-                "difference)", "choices": METHODS})
-    eps_rel: float = field(default=0.005, metadata={"help": "finite-difference ε relative to the subspace's weight norm"})
-    site: str = field(default=DEFAULT_SITE, metadata={"help": "centroid site (TransformerLens hook name)"})
-    readout: str = field(default="correct_logit", metadata={"help": "centroid readout", "choices": READOUTS})
-    grad_batch_size: int = field(default=512, metadata={"help": "pairs in the fixed gradient batch"})
-    grad_batch_seed: int = field(default=0, metadata={"help": "seed of the fixed gradient batch"})
-    grad_batch_split: str = field(default="all", metadata={
-        "help": "where the gradient batch comes from: all (the paper's code), train or test", "choices": ("all", "train", "test")})
-    ablation_windows: tuple[int, ...] = field(default=(), metadata={
-        "help": "window-size ablation on the gradient stream (k=1, peak R_1), e.g. 1,2,5,10,20,40", "cli": False})
-    ablation_eps: tuple[float, ...] = field(default=(), metadata={
-        "help": "finite-difference ε ablation on the gradient stream, e.g. 0.001,0.005,0.05", "cli": False})
-    chunk_size: int = field(default=8, metadata={"help": "directions per vectorised JVP"})
-
-    def validate(self) -> None:
-        check(self.n_snapshots >= 1, f"n_snapshots must be at least 1, got {self.n_snapshots}.")
-        check(1 <= self.k <= self.window, f"need 1 <= k <= window, got k={self.k}, window={self.window}.")
-        bad = [a for a in self.aligns if a not in ALIGNMENTS]
-        check(not bad and len(self.aligns) > 0, f"unknown window alignment {', '.join(bad) or '(none)'}.")
-        bad = [s for s in self.sources if s not in SOURCES]
-        check(not bad and len(self.sources) > 0, f"unknown SED source {', '.join(bad) or '(none)'}.")
-        check(self.method in METHODS, f"unknown coupling method {self.method!r}; choose {', '.join(METHODS)}.")
-        check(self.readout in READOUTS, f"unknown centroid readout {self.readout!r}; choose {', '.join(READOUTS)}.")
-        check(self.n_random >= 1, f"n_random must be at least 1, got {self.n_random}.")
-        check(self.eps_rel > 0, f"eps_rel must be positive, got {self.eps_rel}.")
-        check(all(w >= 1 for w in self.ablation_windows), "ablation windows must be positive.")
-        check(all(e > 0 for e in self.ablation_eps), "ablation ε values must be positive.")
 
 
 def split_key(key: str) -> tuple[str, str, str]:
@@ -129,85 +84,221 @@ def scan_coupling(model: HookedTransformer, task: ModularArithmetic, snapshots: 
     ``bases_out``: a dict to fill with the measured SED directions, ``{key: {step: [k, P] float32}}`` (see
     :func:`save_bases`).
     """
-    cfg = cfg or ScanConfig()
-    cfg.validate()
-    subspace = subspace or ParamSubspace.attention(model)
-    snaps = list(snapshots)
-    check(len(snaps) >= 2, f"a coupling scan needs at least 2 snapshots, got {len(snaps)}.")
-    steps = [s for s, _ in snaps]
-    multitask = task.multitask
-    sources = tuple(s for s in cfg.sources if s != "task_gradient" or multitask)
-    capture_sources = tuple(set(sources) | ({"gradient"} if cfg.ablation_windows or cfg.ablation_eps else set()))
-    # 1. stream entries at every snapshot
-    batch = gradient_batch(task, cfg.grad_batch_size, cfg.grad_batch_seed, cfg.grad_batch_split)
-    streams: dict[str, list[Tensor]] = {}
-    it = capture_offline(model, task, subspace, snaps, batch, capture_sources)
-    for _, vecs in tqdm(it, total=len(snaps), desc="stream vectors", disable=not progress, leave=False):
-        for name, v in vecs.items():
-            streams.setdefault(name, []).append(v)
-    # 2. measured snapshots
-    measured = snapshot_indices(len(snaps), cfg.n_snapshots)
-    # 3. SED bases per (stream, align[, window])
-    bases: dict[str, dict[int, SEDBasis]] = {}
-    for name, vecs in streams.items():
-        if name == "gradient" and "gradient" not in sources:
-            continue
-        for align in cfg.aligns:
-            anchors = {t: stream_entry_index(name, t, align) for t in measured}
-            by_entry = sed_over_sequence(vecs, [a for a in anchors.values() if a is not None], cfg.window, cfg.k, align)
-            bases[f"{name}/{align}"] = {t: by_entry[a] for t, a in anchors.items() if a is not None}
-    for w in cfg.ablation_windows:
-        for align in cfg.aligns:
-            by_entry = sed_over_sequence(streams["gradient"], measured, w, 1, align)
-            bases[f"gradient/{align}/W={w}"] = {t: by_entry[t] for t in measured}
-    if bases_out is not None:
-        bases_out.update({k: {steps[t]: b.directions.float() for t, b in by_t.items()} for k, by_t in bases.items()})
-    # 4. responses
-    probes = task.probes(min(cfg.n_probes, len(task.pairs)), cfg.probe_seed)
-    art_dir = Path(artifacts) if artifacts is not None else None
-    rows: list[dict[str, Any]] = []
-    for t in tqdm(measured, desc="coupling", disable=not progress, leave=False):
-        model.load_state_dict(snaps[t][1], strict=False)
-        eps = perturbation_scale(model, subspace, cfg.eps_rel)
-        seed = random_seed_at(cfg.random_seed, t)
-        rand = subspace.random_directions(cfg.n_random, torch.Generator().manual_seed(seed))
-        keys = [k for k in bases if t in bases[k]]
-        row: dict[str, Any] = {"index": t, "step": steps[t], "eps": eps, "random_seed": seed, "ops": {}}
-        for op in task.ops:
-            op_keys = [k for k in keys if not k.startswith("task_gradient/") or k.startswith(f"task_gradient/{op}/")]
-            dirs = torch.cat([bases[k][t].directions.float() for k in op_keys] + [rand])
-            A = centroid_response(model, subspace, dirs, probes, method=cfg.method, eps_rel=cfg.eps_rel,
+    scan = TrajectoryScan(model, task, snapshots, cfg, subspace, progress)
+    return scan.run(len(scan.snaps), snapshot_indices(len(scan.snaps), scan.cfg.n_snapshots), analysis_seed=0,
+                    artifacts=artifacts, bases_out=bases_out)
+
+
+def extended_indices(measured: Sequence[int], n_total: int) -> list[int]:
+    """``measured`` (indices evenly spaced over a prefix of a run) continued at the same mean spacing to the last of
+    ``n_total`` snapshots: the snapshots a longer run of the same trajectory adds."""
+    if len(measured) < 2 or measured[-1] >= n_total - 1:
+        return sorted(set(measured))
+    gap = (measured[-1] - measured[0]) / (len(measured) - 1)
+    extra = [int(round(measured[-1] + gap * i)) for i in range(1, int((n_total - 1 - measured[-1]) / gap) + 1)]
+    return sorted(set(measured) | {i for i in extra if i < n_total} | {n_total - 1})
+
+
+class TrajectoryScan:
+    """The coupling of one trained trajectory, measured for several run lengths and analysis seeds.
+
+    Stream vectors are computed once per gradient batch; centroid responses are cached by (snapshot, analysis
+    seed, op, method, ε, directions), where SED directions are named by their stream and window bounds. So a
+    scan of a longer run of the same trajectory (``n_snapshots`` larger) re-measures only the snapshots it adds
+    and those whose leading window the shorter run clamped; every other response is reused.
+
+    Analysis seed ``a`` shifts the seeds of the gradient batch, the probes and the random directions by ``a``
+    (``a = 0`` is the configuration as given).
+    """
+
+    def __init__(self, model: HookedTransformer, task: ModularArithmetic, snapshots: Iterable[tuple[int, dict[str, Tensor]]],
+                 cfg: ScanConfig | None = None, subspace: ParamSubspace | None = None, progress: bool = True) -> None:
+        self.cfg = cfg or ScanConfig()
+        self.cfg.validate()
+        self.model, self.task, self.progress = model, task, progress
+        self.subspace = subspace or ParamSubspace.attention(model)
+        self.snaps = list(snapshots)
+        check(len(self.snaps) >= 2, f"a coupling scan needs at least 2 snapshots, got {len(self.snaps)}.")
+        self.steps = [s for s, _ in self.snaps]
+        self.sources = tuple(s for s in self.cfg.sources if s != "task_gradient" or task.multitask)
+        self._streams: dict[int, dict[str, list[Tensor]]] = {}
+        self._cache: dict[tuple[Any, ...], Tensor] = {}
+        self._loaded: int | None = None
+        self.timings: dict[str, float] = {}  # seconds: stream vectors, SED bases, responses per method
+        self.measured_directions: dict[str, int] = {}  # directions measured per method (cache misses)
+
+    # --- inputs --------------------------------------------------------------------------------------------
+    def streams(self, seed: int) -> dict[str, list[Tensor]]:
+        """Stream entries over the whole trajectory for analysis seed ``seed`` (the update stream is shared)."""
+        if seed not in self._streams:
+            t0 = time.perf_counter()
+            cfg = self.cfg
+            gradient_like = tuple(s for s in self.sources if s != "update")
+            if cfg.ablation_windows or cfg.ablation_eps:
+                gradient_like = tuple(set(gradient_like) | {"gradient"})
+            wanted = gradient_like + (("update",) if "update" in self.sources and not self._streams else ())
+            batch = gradient_batch(self.task, cfg.grad_batch_size, cfg.grad_batch_seed + seed, cfg.grad_batch_split)
+            out: dict[str, list[Tensor]] = {}
+            if wanted:
+                it = capture_offline(self.model, self.task, self.subspace, self.snaps, batch, wanted)
+                for _, vecs in tqdm(it, total=len(self.snaps), desc="stream vectors", disable=not self.progress,
+                                    leave=False):
+                    for name, v in vecs.items():
+                        out.setdefault(name, []).append(v)
+            if "update" in self.sources:
+                out["update"] = out.get("update") or next(iter(self._streams.values()))["update"]
+            self._loaded = None
+            self._streams[seed] = out
+            self._time("streams", t0)
+        return self._streams[seed]
+
+    def _time(self, what: str, t0: float) -> None:
+        self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - t0
+
+    def drop_streams(self, seed: int) -> None:
+        """Free the stream vectors of analysis seed ``seed`` (kept: the update stream, shared by every seed)."""
+        if seed in self._streams and len(self._streams) > 1:
+            del self._streams[seed]
+
+    def _load(self, t: int) -> None:
+        if self._loaded != t:
+            self.model.load_state_dict(self.snaps[t][1], strict=False)
+            self._loaded = t
+
+    def _respond(self, t: int, seed: int, op: str, method: str, eps_rel: float,
+                 requests: Sequence[tuple[tuple[Any, ...], Tensor]], probes: tuple[Tensor, Any]) -> list[Tensor]:
+        """A for every request ``(id, [n, P] directions)``, measuring only those not in the cache (one call)."""
+        key = (t, seed, op, method, eps_rel if method == "fd" else None)
+        todo = [(rid, d) for rid, d in requests if (*key, rid) not in self._cache]
+        if todo:
+            t0 = time.perf_counter()
+            self._load(t)
+            dirs = torch.cat([d for _, d in todo])
+            cfg = self.cfg
+            A = centroid_response(self.model, self.subspace, dirs, probes, method=method, eps_rel=eps_rel,
                                   site=cfg.site, readout=cfg.readout, task=op, chunk_size=cfg.chunk_size)
-            A_rand = A[-cfg.n_random:]
-            res: dict[str, Any] = {"random": {"A": A_rand.tolist(), "median": float(A_rand.median())}}
             i = 0
-            for k in op_keys:
-                b = bases[k][t]
-                a = A[i:i + b.k]
-                i += b.k
-                r = ratios(a, A_rand)
-                res[k] = {"R": r.tolist(), "R_mean": float(r.mean()), "A": a.tolist(), "rank": b.rank,
-                          "sigma": b.singular_values[: b.k + 1].tolist()}
-            eps_align = "leading" if "leading" in cfg.aligns else cfg.aligns[0]
-            if cfg.ablation_eps and f"gradient/{eps_align}" in bases:
-                main = bases[f"gradient/{eps_align}"][t].directions.float()
-                for e in cfg.ablation_eps:
-                    Af = centroid_response(model, subspace, torch.cat([main, rand]), probes, method="fd", eps_rel=e,
-                                           site=cfg.site, readout=cfg.readout, task=op)
-                    r = ratios(Af[:-cfg.n_random], Af[-cfg.n_random:])
-                    res[f"gradient/{eps_align}/fd_eps={e:g}"] = {"R": r.tolist(), "R_mean": float(r.mean()),
-                                                                     "A": Af[:-cfg.n_random].tolist()}
-            row["ops"][op] = res
-        rows.append(row)
-        if art_dir is not None:
-            save_artifact(art_dir, model, subspace, t, steps[t], {k: bases[k][t].directions.float() for k in keys},
-                          rand, seed, probes, eps, cfg, row)
-    return {"config": asdict(cfg), "n_snapshots_total": len(snaps), "steps_all": steps,
-            "measured": [steps[t] for t in measured], "snapshots": rows, "summary": summarize(rows, task.ops)}
+            for rid, d in todo:
+                self._cache[(*key, rid)] = A[i:i + d.shape[0]]
+                i += d.shape[0]
+            self._time(f"responses/{method}", t0)
+            self.measured_directions[method] = self.measured_directions.get(method, 0) + dirs.shape[0]
+        return [self._cache[(*key, rid)] for rid, _ in requests]
+
+    # --- one scan ----------------------------------------------------------------------------------------
+    def run(self, n_snapshots: int, measured: Sequence[int], analysis_seed: int = 0, headline_only: bool | None = None,
+            fd_compare: bool | None = None, artifacts: str | Path | None = None,
+            bases_out: dict[str, dict[int, Tensor]] | None = None,
+            phases: dict[str, tuple[int | None, int | None]] | None = None) -> dict[str, Any]:
+        """The scan of the run's first ``n_snapshots`` snapshots at snapshot indices ``measured``, in the format of
+        :func:`scan_coupling`. ``headline_only``: only the first alignment of each source (no ablations; default:
+        for analysis seeds other than 0). ``fd_compare``: also the paper's finite difference (ε_rel of the config)
+        on every key of the first alignment, as ``KEY/fd_eps=ε`` (default: the config's ``fd_compare`` for
+        analysis seed 0). ``phases``: ``{op: (start, end)}`` (:func:`phase_bounds`) adds phase medians."""
+        cfg, task, subspace = self.cfg, self.task, self.subspace
+        check(2 <= n_snapshots <= len(self.snaps), f"n_snapshots must lie in 2..{len(self.snaps)}, got {n_snapshots}.")
+        measured = sorted(set(int(t) for t in measured))
+        headline_only = analysis_seed > 0 if headline_only is None else headline_only
+        fd_compare = cfg.fd_compare and analysis_seed == 0 if fd_compare is None else fd_compare
+        check(all(0 <= t < n_snapshots for t in measured), "measured snapshots must lie inside the scanned run.")
+        streams = self.streams(analysis_seed)
+        t0 = time.perf_counter()
+        aligns = cfg.aligns[:1] if headline_only else cfg.aligns
+        main_align = "leading" if "leading" in cfg.aligns else cfg.aligns[0]
+        # SED bases per key at the measured snapshots, from the entries of the first n_snapshots snapshots
+        bases: dict[str, dict[int, tuple[SEDBasis, tuple[Any, ...]]]] = {}
+        for name, vecs in streams.items():
+            if name == "gradient" and "gradient" not in self.sources:
+                continue
+            n_entries = n_snapshots - 1 if name == "update" else n_snapshots
+            for align in aligns:
+                anchors = {t: stream_entry_index(name, t, align) for t in measured}
+                wanted = [a for a in anchors.values() if a is not None]
+                by_entry = sed_over_sequence(vecs[:n_entries], wanted, cfg.window, cfg.k, align)
+                bases[f"{name}/{align}"] = {
+                    t: (by_entry[a], (name, *window_bounds(a, n_entries, cfg.window, align), cfg.k))
+                    for t, a in anchors.items() if a is not None}
+        if not headline_only:
+            for w in cfg.ablation_windows:
+                n_entries = n_snapshots
+                for align in cfg.aligns:
+                    by_entry = sed_over_sequence(streams["gradient"][:n_entries], measured, w, 1, align)
+                    bases[f"gradient/{align}/W={w}"] = {
+                        t: (by_entry[t], ("gradient", *window_bounds(t, n_entries, w, align), 1)) for t in measured}
+        self._time("bases", t0)
+        if bases_out is not None:
+            bases_out.update({k: {self.steps[t]: b.directions.float() for t, (b, _) in by_t.items()} for k, by_t in bases.items()})
+        probes = task.probes(min(cfg.n_probes, len(task.pairs)), cfg.probe_seed + analysis_seed)
+        art_dir = Path(artifacts) if artifacts is not None else None
+        fd_eps = sorted(set((cfg.ablation_eps if not headline_only else ()) + ((cfg.eps_rel,) if fd_compare else ())))
+        rows: list[dict[str, Any]] = []
+        for t in tqdm(measured, desc="coupling", disable=not self.progress, leave=False):
+            self._load(t)
+            eps = perturbation_scale(self.model, subspace, cfg.eps_rel)
+            seed = random_seed_at(cfg.random_seed + analysis_seed, t)
+            rand = subspace.random_directions(cfg.n_random, torch.Generator().manual_seed(seed))
+            keys = [k for k in bases if t in bases[k]]
+            row: dict[str, Any] = {"index": t, "step": self.steps[t], "eps": eps, "random_seed": seed, "ops": {}}
+            for op in task.ops:
+                op_keys = [k for k in keys if not k.startswith("task_gradient/") or k.startswith(f"task_gradient/{op}/")]
+                requests = [(bases[k][t][1], bases[k][t][0].directions.float()) for k in op_keys]
+                *A_keys, A_rand = self._respond(t, analysis_seed, op, cfg.method, cfg.eps_rel,
+                                                requests + [(("random", seed), rand)], probes)
+                res: dict[str, Any] = {"random": {"A": A_rand.tolist(), "median": float(A_rand.median())}}
+                for k, a in zip(op_keys, A_keys, strict=True):
+                    b = bases[k][t][0]
+                    r = ratios(a, A_rand)
+                    res[k] = {"R": r.tolist(), "R_mean": float(r.mean()), "A": a.tolist(), "rank": b.rank,
+                              "sigma": b.singular_values[: b.k + 1].tolist()}
+                main_keys = [k for k in op_keys if split_key(k)[1] == main_align and not split_key(k)[2]]
+                for e in fd_eps:
+                    # the comparison at the config's ε covers every main key; other ε (the ablation) the gradient only
+                    fd_keys = [k for k in main_keys if (fd_compare and e == cfg.eps_rel) or k == f"gradient/{main_align}"]
+                    reqs = [(bases[k][t][1], bases[k][t][0].directions.float()) for k in fd_keys]
+                    *A_fd, A_fd_rand = self._respond(t, analysis_seed, op, "fd", e, reqs + [(("random", seed), rand)], probes)
+                    for k, a in zip(fd_keys, A_fd, strict=True):
+                        r = ratios(a, A_fd_rand)
+                        res[f"{k}/fd_eps={e:g}"] = {"R": r.tolist(), "R_mean": float(r.mean()), "A": a.tolist(),
+                                                    "median_random": float(A_fd_rand.median())}
+                row["ops"][op] = res
+            rows.append(row)
+            if art_dir is not None:
+                save_artifact(art_dir, self.model, subspace, t, self.steps[t],
+                              {k: bases[k][t][0].directions.float() for k in keys}, rand, seed, probes, eps, cfg, row)
+        return {"config": asdict(cfg), "n_snapshots_total": n_snapshots, "steps_all": self.steps[:n_snapshots],
+                "measured": [self.steps[t] for t in measured], "analysis_seed": analysis_seed, "snapshots": rows,
+                "phases": {op: list(b) for op, b in (phases or {}).items()}, "summary": summarize(rows, task.ops, phases)}
 
 
-def summarize(rows: Sequence[dict[str, Any]], ops: Sequence[str]) -> dict[str, Any]:
-    """Peak and final R̄ (and peak R_1) of every measured key, per op."""
+PHASES = ("pre", "transition", "post")
+TRANSITION_START_ACC = 0.1
+"""Test accuracy at which the transition (grokking) starts; it ends where test accuracy first reaches stop-acc."""
+
+
+def phase_bounds(history: Sequence[dict[str, Any]], op: str, start_acc: float = TRANSITION_START_ACC,
+                 end_acc: float = 0.98) -> tuple[int | None, int | None]:
+    """``(start, end)`` steps of an op's transition from its own test-accuracy curve: the first eval with test
+    accuracy ≥ ``start_acc`` and the first with ≥ ``end_acc`` (None where the curve never gets there).
+    Snapshots before ``start`` are pre-grok, from ``end`` on post-grok, transition in between."""
+    key = f"test/acc/{op}"
+    evals = [(int(r["step"]), float(r[key])) for r in history if r.get(key) is not None]
+    start = next((s for s, a in evals if a >= start_acc), None)
+    end = next((s for s, a in evals if a >= end_acc), None)
+    return start, end
+
+
+def phase_of(step: int, bounds: tuple[int | None, int | None]) -> str:
+    """``"pre"``, ``"transition"`` or ``"post"`` for a snapshot at ``step`` (by its anchor step)."""
+    start, end = bounds
+    if start is None or step < start:
+        return "pre"
+    return "post" if end is not None and step >= end else "transition"
+
+
+def summarize(rows: Sequence[dict[str, Any]], ops: Sequence[str],
+              phases: dict[str, tuple[int | None, int | None]] | None = None) -> dict[str, Any]:
+    """Peak and final R̄ (and peak R_1) of every measured key, per op; with ``phases`` (``{op: (start, end)}`` from
+    :func:`phase_bounds`) also the median R̄ of the pre-grok, transition and post-grok snapshots."""
     out: dict[str, Any] = {}
     for op in ops:
         keys = sorted({k for r in rows for k in r["ops"][op] if k != "random"})
@@ -220,6 +311,12 @@ def summarize(rows: Sequence[dict[str, Any]], ops: Sequence[str]) -> dict[str, A
             out[op][k] = {"peak_R_mean": means[ip], "peak_step": series[ip][0], "final_R_mean": means[-1],
                           "final_step": series[-1][0], "peak_R1": r1[i1], "peak_R1_step": series[i1][0],
                           "mean_R_mean": float(np.mean(means))}
+            if phases is not None and op in phases:
+                by_phase: dict[str, list[float]] = {ph: [] for ph in PHASES}
+                for (step, _), m in zip(series, means, strict=True):
+                    by_phase[phase_of(step, phases[op])].append(m)
+                out[op][k]["phase_median_R_mean"] = {ph: float(np.median(v)) if v else None for ph, v in by_phase.items()}
+                out[op][k]["phase_count"] = {ph: len(v) for ph, v in by_phase.items()}
     return out
 
 

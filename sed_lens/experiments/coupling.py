@@ -17,26 +17,28 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sed_lens import plots
-from sed_lens.analysis.trajectory import ScanConfig, save_bases, scan_coupling, split_key
+# Only torch-free modules at the top: flags are parsed (and --help answered) before torch, TransformerLens or
+# matplotlib are imported; the functions below import what they need when they run.
 from sed_lens.cli import config_from_args, config_from_dict, parser_for, run_cli
+from sed_lens.configs import INITS, PRESETS, ScanConfig, TrainConfig
+from sed_lens.devices import DEVICES
 from sed_lens.errors import check
 from sed_lens.experiments.grokking import GrokkingConfig, build, open_run, train
 from sed_lens.grid import BACKENDS, Cell, raise_failures, run_grid
-from sed_lens.hooks.snapshots import SnapshotStore
-from sed_lens.models import INITS, PRESETS
-from sed_lens.subspace import ParamSubspace
-from sed_lens.tasks import available_ops
-from sed_lens.tracking import WANDB_MODES, Run, read_jsonl, write_json
+from sed_lens.tracking import WANDB_MODES, Run, read_jsonl, to_jsonable, write_json
 from sed_lens.tracking import log_summary_run as tracking_summary_run
-from sed_lens.training import TrainConfig
+
+if TYPE_CHECKING:
+    from sed_lens.hooks.snapshots import SnapshotStore
+    from sed_lens.subspace import ParamSubspace
 
 WINDOWS = (1, 2, 5, 10, 20, 40)
 EPSILONS = (0.001, 0.005, 0.05)
@@ -89,30 +91,106 @@ class CouplingConfig:
     ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local Ray)"})
     wandb_mode: str = field(default="offline", metadata={"help": "W&B mode", "choices": WANDB_MODES})
     wandb_project: str = field(default="sed-lens", metadata={"help": "W&B project"})
+    device: str = field(default="auto", metadata={
+        "help": "where every run trains: auto (cuda if available, else mps, else cpu), cpu, cuda or mps",
+        "choices": DEVICES})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
 # --- one run ------------------------------------------------------------------------------------------------
 def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """Grid target: train one run with snapshots, measure the coupling along it, write the run directory."""
+    """Grid target: train one run with snapshots, measure the coupling along it, write the run directory.
+
+    With ``train.post_grok_steps`` the run goes on past the stop rule and is scanned twice from the same
+    trajectory: as the stop-rule run (its snapshots up to the stop step, the published protocol) and as the
+    post-grok run (the same measured snapshots continued at the same spacing to the end). Each length is scanned
+    for every analysis seed. ``coupling.json`` holds the main scan (stop-rule run, analysis seed 0); the returned
+    summary (``cell.json``) holds every scan in compact form (:func:`compact_scan`)."""
+    from sed_lens.analysis.trajectory import save_bases
+    from sed_lens.hooks.snapshots import SnapshotStore
+    from sed_lens.subspace import ParamSubspace
+    from sed_lens.training import curves
+
     gcfg = config_from_dict(GrokkingConfig, {**config["grokking"], "run_dir": run_dir, "progress": False})
+    # An interrupted grid cell is run again from the start, so a coupling cell's checkpoints (which would carry
+    # every in-memory snapshot) are never read: it writes none.
+    gcfg = replace(gcfg, train=replace(gcfg.train, checkpoint_every=0))
     scan = config_from_dict(ScanConfig, config["scan"])
     store = SnapshotStore(config["every"])
+    t_start = time.perf_counter()
     with open_run(gcfg, {"experiment": "coupling", **config}, job_type="coupling") as tracker:
         result, task, model = train(gcfg, tracker, [store])
+        t_trained = time.perf_counter()
         subspace = ParamSubspace.attention(model)
-        bases: dict[str, Any] = {}
-        out = scan_coupling(model, task, store, scan, subspace=subspace, progress=False, bases_out=bases,
-                            artifacts=Path(run_dir) / "artifacts" if config["artifacts"] else None)
-        figs = write_outputs(tracker.dir, out, result.history, task.ops)
-        save_bases(tracker.dir / "sed_bases.pt", bases, out["summary"], subspace, scan)
-        tracker.summary({"coupling": out["summary"]})
-        log_run(tracker, out, figs, gcfg.seed)
-    return {"train": result.summary(), "coupling": out["summary"], "measured": out["measured"]}
+        scans = scan_lengths(model, task, store, scan, result, subspace, stop_acc=gcfg.train.stop_acc,
+                             artifacts=Path(run_dir) / "artifacts" if config["artifacts"] else None)
+        main = scans["stop_rule"][0]
+        t_scanned = time.perf_counter()
+        figs = write_outputs(tracker.dir, main, result.history, task.ops)
+        save_bases(tracker.dir / "sed_bases.pt", scans["bases"], main["summary"], subspace, scan)
+        tracker.summary({"coupling": main["summary"]})
+        log_run(tracker, main, figs, gcfg.seed)
+    timings = {"train": t_trained - t_start, "scan": t_scanned - t_trained, "outputs": time.perf_counter() - t_scanned,
+               "scan_parts": scans["timings"], "measured_directions": scans["measured_directions"]}
+    return {"timings": to_jsonable(timings), "train": result.summary(), "coupling": main["summary"], "measured": main["measured"],
+            "scans": {length: {str(a): compact_scan(out) for a, out in scans[length].items()}
+                      for length in ("stop_rule", "post_grok") if length in scans},
+            "history": curves(result.history, task.ops)}
+
+
+def scan_lengths(model: Any, task: Any, store: SnapshotStore, scan: ScanConfig, result: Any, subspace: ParamSubspace,
+                 stop_acc: float = 0.98, artifacts: Path | None = None) -> dict[str, Any]:
+    """Scans of one trained trajectory: ``{"stop_rule": {seed: scan}, "post_grok": {seed: scan}, "bases": …}``
+    (``post_grok`` only when the run trained past its stop rule). The stop-rule run is the snapshots up to the step
+    at which the stop rule fired (all of them when it never fired or training stopped there)."""
+    from sed_lens.analysis.trajectory import TrajectoryScan, extended_indices, phase_bounds, snapshot_indices
+
+    steps = list(store.steps)
+    n_stop = len(steps) if result.stop_step is None else sum(1 for s in steps if s <= result.stop_step)
+    measured = snapshot_indices(n_stop, scan.n_snapshots)
+    lengths = {"stop_rule": (n_stop, measured)}
+    if n_stop < len(steps):
+        lengths["post_grok"] = (len(steps), extended_indices(measured, len(steps)))
+    phases = {op: phase_bounds(result.history, op, end_acc=stop_acc) for op in task.ops}
+    engine = TrajectoryScan(model, task, store, scan, subspace, progress=False)
+    out: dict[str, Any] = {name: {} for name in lengths}
+    bases: dict[str, Any] = {}
+    for a in range(scan.analysis_seeds):
+        for name, (n, idx) in lengths.items():
+            main = a == 0 and name == "stop_rule"
+            out[name][a] = engine.run(n, idx, analysis_seed=a, artifacts=artifacts if main else None,
+                                      bases_out=bases if main else None, phases=phases)
+        engine.drop_streams(a)
+    out["bases"] = bases
+    out["timings"], out["measured_directions"] = engine.timings, engine.measured_directions
+    return out
+
+
+def compact_scan(out: dict[str, Any]) -> dict[str, Any]:
+    """A scan without what the reports do not read (per-direction responses, spectra, artifacts' inputs): per op and
+    key the R_j and R̄ series over the measured snapshots, the median random response, the summary. A_j is
+    R_j × the median random response."""
+    series: dict[str, dict[str, dict[str, list[Any]]]] = {}
+    medians: dict[str, list[float]] = {}
+    for row in out["snapshots"]:
+        for op, keys in row["ops"].items():
+            medians.setdefault(op, []).append(keys["random"]["median"])
+            for key, res in keys.items():
+                if key == "random":
+                    continue
+                s = series.setdefault(op, {}).setdefault(key, {"step": [], "R": [], "R_mean": []})
+                s["step"].append(row["step"])
+                s["R"].append([round(float(x), 5) for x in res["R"]])
+                s["R_mean"].append(round(float(res["R_mean"]), 5))
+    return {"measured": out["measured"], "n_snapshots_total": out["n_snapshots_total"],
+            "last_step": out["steps_all"][-1], "analysis_seed": out.get("analysis_seed", 0),
+            "phases": out.get("phases", {}), "random_median": medians, "series": series, "summary": out["summary"]}
 
 
 def write_outputs(run_dir: Path, out: dict[str, Any], history: Sequence[dict[str, Any]], ops: Sequence[str]) -> dict[str, Path]:
     """``coupling.json`` and one ``coupling_OP.png`` per op; returns the figures by op."""
+    from sed_lens import plots
+
     write_json(run_dir / "coupling.json", out)
     return {op: plots.coupling_trajectory(out, history, op, run_dir / f"coupling_{op}.png",
                                           title=f"SED–LCH coupling, {op} ({run_dir.name})") for op in ops}
@@ -123,6 +201,8 @@ def log_run(tracker: Run, out: dict[str, Any], figs: dict[str, Path], seed: int)
     step of each measured snapshot), the table of every R (ablations included), the figures, and an artifact with
     coupling.json, the SED bases at the peaks (sed_bases.pt) and the summary — not the per-snapshot artifacts
     (large; kept locally)."""
+    from sed_lens.analysis.trajectory import split_key
+
     tracker.define_metric("coupling/*", "coupling/step")
     for row in out["snapshots"]:
         metrics: dict[str, Any] = {"coupling/step": row["step"]}
@@ -144,6 +224,8 @@ def coupling_table(coupling: dict[str, Any], seed: int) -> tuple[list[str], list
     """Every R of one run's ``coupling.json`` as table rows, one per (snapshot, op, key): op, seed, step, key,
     source, align, variant (ablation), R_1..R_k (None where a key has fewer directions), R̄ and the median
     random response."""
+    from sed_lens.analysis.trajectory import split_key
+
     k = max((len(res["R"]) for row in coupling["snapshots"] for keys in row["ops"].values()
              for key, res in keys.items() if key != "random"), default=0)
     columns = ["op", "seed", "step", "key", "source", "align", "variant", *[f"R_{j + 1}" for j in range(k)],
@@ -180,6 +262,9 @@ def paper_for(op: str, key: str, seed: int | None, multitask: bool) -> str:
 
 def analyse_existing(cfg: CouplingConfig) -> dict[str, Any]:
     """``--from-run``: the coupling of a grokking run saved with ``--snapshot-every``."""
+    from sed_lens.analysis.trajectory import scan_coupling
+    from sed_lens.hooks.snapshots import SnapshotStore
+
     src = Path(cfg.from_run or "")
     check((src / "config.json").is_file(), f"{src} is not a grokking run directory (no config.json).")
     snap_dir = src / "snapshots"
@@ -214,7 +299,8 @@ def cells(cfg: CouplingConfig) -> list[Cell]:
 
     def gconfig(ops: tuple[str, ...], seed: int) -> dict[str, Any]:
         g = GrokkingConfig(ops=ops, p=cfg.p, seed=seed, preset=cfg.preset, init=cfg.init, train_frac=cfg.train_frac,
-                           train=cfg.train, wandb_mode=cfg.wandb_mode, wandb_project=cfg.wandb_project)
+                           train=cfg.train, wandb_mode=cfg.wandb_mode, wandb_project=cfg.wandb_project, sed=(),
+                           device=cfg.device)
         return asdict(g)
 
     out: list[Cell] = []
@@ -332,6 +418,8 @@ def figures(cfg: CouplingConfig, out: Path, couplings: dict[str, dict[str, Any]]
             reuse: Path | None = None) -> list[Path]:
     """The aggregate figures, drawn into ``out``; with ``reuse``, a figure that directory already holds is
     returned as it is instead of being drawn again (the report regenerates only what a directory lacks)."""
+    from sed_lens import plots
+
     figs: list[Path] = []
 
     def draw(name: str, make: Any) -> None:
@@ -406,6 +494,8 @@ def log_summary_run(cfg: CouplingConfig, out: Path, agg: dict[str, Any], figs: S
 
 
 def validate(cfg: CouplingConfig) -> None:
+    from sed_lens.tasks import available_ops
+
     cfg.train.validate()
     cfg.scan.validate()
     for op in (*cfg.ops, *(cfg.multitask_ops or ()), *([cfg.ablation_op] if cfg.ablation_op else [])):

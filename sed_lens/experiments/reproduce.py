@@ -21,21 +21,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from sed_lens.analysis.trajectory import ScanConfig
 from sed_lens.cli import config_from_args, csv, parser_for, run_cli
+from sed_lens.configs import ScanConfig, TrainConfig
 from sed_lens.errors import check
 from sed_lens.experiments import coupling as coupling_exp
 from sed_lens.experiments import intervention as intervention_exp
-from sed_lens.experiments.reproduction_report import write_report
-from sed_lens.grid import BACKENDS, Cell, raise_failures, run_grid
-from sed_lens.tracking import WANDB_MODES, write_json
-from sed_lens.training import TrainConfig
+from sed_lens.experiments.reproduction_report import claim_numbers, write_report
+from sed_lens.experiments.reproduction_results import load_results
+from sed_lens.grid import BACKENDS, Cell, CellResult, raise_failures, run_grid, same_config
+from sed_lens.tracking import WANDB_MODES, atomic_write_bytes, write_json
 
 
 @dataclass
@@ -43,17 +41,37 @@ class ReproduceConfig:
     quick: bool = field(default=False, metadata={"help": "a few-minute version (small p, one seed): qualitative claims only"})
     out: str = field(default="runs/reproduce", metadata={"help": "where the runs and the report go (rerunning skips finished runs)"})
     report: str | None = field(default=None, metadata={
-        "help": "also write the report here, figures in a folder beside it (e.g. docs/REPRODUCTION.md)"})
+        "help": "write the report here (default OUT/REPRODUCTION.md), figures in a folder beside it named after it "
+                "(docs/REPRODUCTION.md → docs/reproduction/figures), and the same as one self-contained .html"})
+    report_only: bool = field(default=False, metadata={
+        "help": "only write the report from the kept results (--results), without running anything: e.g. "
+                "--report-only --results docs/reproduction/runs --report docs/REPRODUCTION.md"})
     seeds: tuple[int, ...] = field(default=(42, 137, 2024), metadata={
         "help": "comma-separated seeds of the coupling and intervention grids (the paper's three by default; runs go "
                 "seed by seed, so an interrupted run can be reported for its finished seeds with --seeds 42)",
         "parse": csv(int)})
     multitask_seeds: tuple[int, ...] = field(default=(42,), metadata={"help": "seeds of the multitask coupling runs"})
+    results: str | None = field(default=None, metadata={
+        "help": "keep each run's compact results (its cell.json: config and every number the report uses) here as "
+                "soon as it finishes, and restore finished runs from here (default: OUT/results; the repository's "
+                "are in docs/reproduction/runs)"})
     backend: str = field(default="local", metadata={"help": "where runs execute", "choices": BACKENDS})
     workers: int | None = field(default=None, metadata={"help": "parallel runs (default: one per core)"})
     ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local Ray)"})
     wandb_mode: str = field(default="offline", metadata={"help": "W&B mode of every run", "choices": WANDB_MODES})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+
+ANALYSIS_SEEDS = 3
+"""Analysis seeds of every coupling scan (gradient batch, probes, random directions): the spread they give is the
+uncertainty of a number measured on one trained run."""
+
+
+def post_grok_steps(scan: ScanConfig, every: int) -> int:
+    """How far coupling runs train past the point where test accuracy first reaches 0.98: two SED windows
+    (2·W snapshots), so that fully post-grok leading and trailing windows both exist (the stop rule alone ends
+    ~20 evals after that point, inside the first window)."""
+    return 2 * scan.window * every
 
 
 def plan(cfg: ReproduceConfig) -> tuple[coupling_exp.CouplingConfig, list[intervention_exp.InterventionConfig]]:
@@ -65,19 +83,22 @@ def plan(cfg: ReproduceConfig) -> tuple[coupling_exp.CouplingConfig, list[interv
         # Coupling: p 31 with TransformerLens' init groks in ~1,000 steps. Intervention: the speedup needs the
         # paper's slow-grokking PyTorch init; at p 59 its control groks near step 3,100, so runs are capped at
         # 2,000 steps and a control that has not grokked counts as a lower bound (speedups are then lower bounds).
-        train = TrainConfig(steps=2500, batch_size=256, stop_patience=4)
+        scan = ScanConfig(n_snapshots=6, n_probes=128, n_random=8, window=10, analysis_seeds=2, fd_compare=True)
+        train = TrainConfig(steps=2500, batch_size=256, stop_patience=4, post_grok_steps=post_grok_steps(scan, 25))
         coupling = coupling_exp.CouplingConfig(
             ops=("add",), seeds=(42,), multitask=True, multitask_ops=("add", "mul"), multitask_seeds=(42,),
-            window_ablation=True, eps_ablation=True, p=31, init="tl", train=train,
-            scan=ScanConfig(n_snapshots=8, n_probes=256, n_random=10, window=10),
-            multitask_snapshots=8, artifacts=False, out=str(out / "coupling"), **common)
+            window_ablation=True, eps_ablation=True, p=31, init="tl", train=train, scan=scan,
+            multitask_snapshots=6, artifacts=False, out=str(out / "coupling"), **common)
         interventions = [intervention_exp.InterventionConfig(
             op="add", seeds=(42,), method="gradient", p=59, init="torch", conditions=("A", "C", "E"),
             train=intervention_exp.InterventionTrainConfig(steps=2000),
             out=str(out / "intervention" / "add-gradient"), **common)]
         return coupling, interventions
+    scan = ScanConfig(analysis_seeds=ANALYSIS_SEEDS, fd_compare=True)
     coupling = coupling_exp.CouplingConfig(seeds=cfg.seeds, multitask=True, multitask_seeds=cfg.multitask_seeds,
-                                           window_ablation=True, eps_ablation=True, out=str(out / "coupling"), **common)
+                                           window_ablation=True, eps_ablation=True, out=str(out / "coupling"),
+                                           train=TrainConfig(post_grok_steps=post_grok_steps(scan, 25)), scan=scan,
+                                           **common)
     interventions = [intervention_exp.InterventionConfig(op=op, method=m, seeds=cfg.seeds,
                                                          out=str(out / "intervention" / f"{op}-{m}"), **common)
                      for op in ("add", "mul") for m in ("gradient", "update")]
@@ -88,9 +109,10 @@ def all_cells(coupling: coupling_exp.CouplingConfig,
               interventions: Sequence[intervention_exp.InterventionConfig]) -> list[tuple[Path, Cell]]:
     """Every run of the reproduction with the directory it belongs in: seed by seed (every run of the first seed,
     then of the next, so an interrupted reproduction has complete experiments for its finished seeds), and
-    within a seed longest first (multitask, single-task coupling, then the intervention conditions that train
-    longest). The control runs of an op are listed once: the other projection method's grid gets a copy
-    (:func:`share_controls`)."""
+    within a seed the single-task coupling runs (the one carrying the ablations first), the multitask run, then the
+    intervention conditions that train longest: the headline runs finish first when time is short (a session, a
+    job's time limit), and the short intervention runs fill the workers at the end. The control runs of an op are
+    listed once: the other projection method's grid gets a copy (:func:`share_controls`)."""
     cells = [(Path(coupling.out) / "cells", c) for c in coupling_exp.cells(coupling)]
     seen_controls: set[str] = set()
     for iv in interventions:
@@ -106,10 +128,12 @@ def all_cells(coupling: coupling_exp.CouplingConfig,
     for _, c in cells:
         seed_order.setdefault(int(c.config["grokking"]["seed"]), len(seed_order))
 
-    def rank(item: tuple[Path, Cell]) -> tuple[int, int]:
+    def rank(item: tuple[Path, Cell]) -> tuple[int, float]:
         root, c = item
-        if root.name == "cells":
-            kind = 0 if c.name.startswith("multitask") else 1
+        if "scan" in c.config:
+            multitask = len(c.config["grokking"]["ops"]) > 1
+            ablation = bool(c.config["scan"]["ablation_windows"] or c.config["scan"]["ablation_eps"])
+            kind = 1 if multitask else 0 if ablation else 0.5
         else:
             kind = 2 if c.config["condition"] in ("A", "B", "D") else 3
         return seed_order[int(c.config["grokking"]["seed"])], kind
@@ -132,6 +156,29 @@ def share_controls(interventions: Sequence[intervention_exp.InterventionConfig])
                         shutil.copytree(src.out_dir / c.name, dst.out_dir / c.name)
 
 
+def keep_result(result: CellResult, root: Path, kept: Path) -> None:
+    """Copy a finished run's ``cell.json`` (its config and compact results) to ``kept/NAME.json``."""
+    src = root / result.name / "cell.json"
+    if result.error is None and src.is_file():
+        dst = kept / f"{result.name}.json"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(dst, json.dumps(json.loads(src.read_text()), separators=(",", ":")).encode() + b"\n")
+
+
+def restore_results(grid: Sequence[Cell], root: Path, kept: Path) -> int:
+    """Give every run without a run directory whose compact results are kept (``kept/NAME.json``, same config) its
+    ``cell.json`` back, so the grid counts it as finished and never retrains it; returns how many."""
+    n = 0
+    for c in grid:
+        src, dst = kept / f"{c.name}.json", root / c.name / "cell.json"
+        if src.is_file() and not (root / c.name).exists():
+            data = json.loads(src.read_text())
+            if same_config(data.get("config"), c.config):
+                write_json(dst, data)
+                n += 1
+    return n
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -152,69 +199,36 @@ def versions() -> dict[str, str]:
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
 
 
-def run_times(root: Path, names: Sequence[str]) -> dict[str, float | None]:
-    """How long the runs ``names`` (under ``root``) took, whichever invocations trained them: ``worker_s``, the sum
-    of each run's time from its start (``created`` in run.json) to its finish (cell.json written), and
-    ``span_s``, from the first start to the last finish (None when no run has both files)."""
-    spans = []
-    for name in names:
-        run_json, cell_json = root / name / "run.json", root / name / "cell.json"
-        if run_json.is_file() and cell_json.is_file():
-            start = time.mktime(time.strptime(json.loads(run_json.read_text())["created"], "%Y-%m-%d %H:%M:%S"))
-            spans.append((start, cell_json.stat().st_mtime))
-    if not spans:
-        return {"worker_s": None, "span_s": None}
-    return {"worker_s": sum(end - start for start, end in spans),
-            "span_s": max(end for _, end in spans) - min(start for start, _ in spans)}
-
-
 def run(cfg: ReproduceConfig, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run (or complete) every run of the reproduction, aggregate each experiment, write the report."""
+    """Run (or complete) every run of the reproduction, keep each run's compact results as it finishes, and write
+    the report from them (``report_only``: only the report, from the kept results, no training)."""
     t0 = time.perf_counter()
     coupling, interventions = plan(cfg)
     coupling_exp.validate(coupling)
     for iv in interventions:
         iv.validate()
     root = Path(cfg.out)
-    share_controls(interventions)
+    kept = Path(cfg.results) if cfg.results else root / "results"
     grid = [Cell(str((path / c.name).relative_to(root)), c.target, c.config) for path, c in all_cells(coupling, interventions)]
-    results = run_grid(grid, root, backend=cfg.backend, workers=cfg.workers, ray_address=cfg.ray_address,
-                       progress=cfg.progress, desc="reproduction runs")
-    raise_failures(results)
-    share_controls(interventions)
-    # Every run is finished: the experiments' own aggregation only reads and summarises.
-    coupling_res = coupling_exp.run(replace(coupling, progress=False))
-    iv_res = [intervention_exp.run(replace(iv, progress=False)) for iv in interventions]
-    meta = {"command": " ".join(["python -m sed_lens.experiments.reproduce", *(argv or [])]),
-            "wall_time_s": time.perf_counter() - t0, "runs": len(grid),
-            "runs_skipped": sum(r.skipped for r in results), "versions": versions(), "quick": cfg.quick,
-            "seeds": list(coupling.seeds), "run_times": run_times(root, [c.name for c in grid]),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    found = claims(coupling_res, iv_res)
-    paths = write_report(root, coupling_res, iv_res, meta, found, Path(cfg.report) if cfg.report else None)
-    summary = {"meta": meta, "report": [str(p) for p in paths], "claims": found}
+    skipped = 0
+    if not cfg.report_only:
+        share_controls(interventions)
+        restore_results(grid, root, kept)
+        results = run_grid(grid, root, backend=cfg.backend, workers=cfg.workers, ray_address=cfg.ray_address,
+                           progress=cfg.progress, desc="reproduction runs", on_done=lambda r: keep_result(r, root, kept))
+        raise_failures(results)
+        skipped = sum(r.skipped for r in results)
+    command = " ".join(["python -m sed_lens.experiments.reproduce", *(argv or [])])
+    report = Path(cfg.report) if cfg.report else root / "REPRODUCTION.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "source": str(kept),
+            "report": str(report), "versions": versions()}
+    paths = write_report(kept, report, meta)
+    summary = {"meta": {**meta, "wall_time_s": time.perf_counter() - t0, "runs": len(grid), "runs_skipped": skipped,
+                        "quick": cfg.quick, "seeds": list(coupling.seeds)},
+               "report": [str(p) for p in paths], "claims": claim_numbers(load_results(kept))}
     write_json(root / "reproduction.json", summary)
     return summary
-
-
-def claims(coupling_res: dict[str, Any], iv_res: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The paper's qualitative claims, checked on our numbers."""
-    agg = coupling_res["aggregate"]
-    ratios = [r["ratio"] for r in agg["single"].values() if r.get("ratio") is not None and np.isfinite(r["ratio"])]
-    multi = [(r["per_op_peak"], r["update_peak"]) for rows in agg["multitask"].values() for r in rows
-             if r["per_op_peak"] is not None and r["update_peak"] is not None]
-    speed = {}
-    for res in iv_res:
-        c = res["conditions"]
-        speed[f"{res['config']['op']}-{res['config']['method']}"] = {k: c[k]["speedup"] for k in c}
-    keep = [v for s in speed.values() for k, v in s.items() if k in ("C", "E") and v is not None]
-    return {
-        "gradient_over_update_min": min(ratios) if ratios else None,
-        "gradient_over_update_median": float(np.median(ratios)) if ratios else None,
-        "per_op_over_aggregated_min": min(p / u for p, u in multi) if multi else None,
-        "keep_speedup_min": min(keep) if keep else None,
-        "speedups": speed,
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,0 +1,72 @@
+"""Where the reproduction's worker time goes, phase by phase: ``python -m benchmarks.protocol_profile [--results DIR]``.
+
+Reads the timings every run of the reproduction records in its compact results (``docs/reproduction/runs`` by
+default): per coupling run the training (optimizer steps, full train/test evals, checkpoints), the scan (stream
+vectors on the fixed gradient batches, SED bases, centroid responses per method — exact HVP and the paper's
+finite difference) and the outputs (figures, JSON); per intervention run its training. Prints a Markdown table of
+worker-seconds and shares, and the ratio the throughput target is stated in: total worker time / worker time of
+the optimizer steps alone. Measured on the real protocol, not a stand-in, so it is exactly as noisy as the machine
+the runs shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+from sed_lens.cli import ArgumentParser
+from sed_lens.experiments.reproduction_results import load_results
+
+
+def profile(results: str | Path) -> tuple[dict[str, float], dict[str, int], int]:
+    """``({phase: worker-seconds}, {method: directions measured}, runs)`` over every run in ``results``."""
+    res = load_results(results)
+    t: dict[str, float] = defaultdict(float)
+    dirs: dict[str, int] = defaultdict(int)
+    for r in res.coupling:
+        tm = r.timings
+        train = float(tm.get("train", 0.0))
+        tt = r.train.get("timings", {})
+        evals, ckpt = float(tt.get("eval", 0.0)), float(tt.get("checkpoint", 0.0))
+        t["coupling runs: optimizer steps"] += train - evals - ckpt
+        t["coupling runs: evals (full train + test, every 25 steps)"] += evals
+        t["coupling runs: checkpoints"] += ckpt
+        parts = tm.get("scan_parts", {})
+        accounted = 0.0
+        for name, secs in parts.items():
+            label = {"streams": "scan: stream vectors (gradients on the fixed batches)", "bases": "scan: SED bases",
+                     "responses/hvp": "scan: centroid responses, exact (HVP)",
+                     "responses/jvp": "scan: centroid responses, exact (JVP)",
+                     "responses/fd": "scan: centroid responses, the paper's finite difference"}.get(name, f"scan: {name}")
+            t[label] += float(secs)
+            accounted += float(secs)
+        t["scan: other (bookkeeping, loading snapshots)"] += max(0.0, float(tm.get("scan", 0.0)) - accounted)
+        t["coupling runs: outputs (figures, JSON, W&B)"] += float(tm.get("outputs", 0.0))
+        for method, n in tm.get("measured_directions", {}).items():
+            dirs[method] += int(n)
+    for r in res.interventions:
+        t["intervention runs (training to the grok step)"] += r.wall_s
+    return dict(t), dict(dirs), len(res.coupling) + len(res.interventions)
+
+
+def main() -> None:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default="docs/reproduction/runs", help="the reproduction's compact results")
+    args = ap.parse_args()
+    times, dirs, n = profile(args.results)
+    total = sum(times.values())
+    steps = times.get("coupling runs: optimizer steps", 0.0) + times.get("intervention runs (training to the grok step)", 0.0)
+    print(f"{n} runs of `{args.results}`; worker time {total / 3600:.2f} h\n")
+    print("| phase | worker-s | share |\n|---|---|---|")
+    for name, secs in sorted(times.items(), key=lambda kv: -kv[1]):
+        print(f"| {name} | {secs:.0f} | {secs / total:.1%} |")
+    print(f"| **total** | {total:.0f} | 100% |\n")
+    if dirs:
+        print("directions measured: " + ", ".join(f"{m} {k:,}" for m, k in sorted(dirs.items())))
+    if steps:
+        print(f"\nworker time / optimizer steps (interventions counted whole, evals included): {total / steps:.2f}×")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The reproduction report built from compact results: typed loading, the numbers it states, and that the
+committed results regenerate the committed report."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sed_lens.errors import SedLensError
+from sed_lens.experiments.reproduction_report import claim_numbers, differences, headline, write_report
+from sed_lens.experiments.reproduction_results import Spread, load_results, speedups
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scan(peaks, phases=(100, 1000), steps=(0, 500, 1000, 1500), fd=None):
+    """A compact scan whose keys peak at ``peaks`` ({key: peak R̄}); the series rises to the peak at the end."""
+    series, summary = {}, {}
+    for key, top in peaks.items():
+        ys = [top / 2 ** (len(steps) - 1 - i) for i in range(len(steps))]
+        series[key] = {"step": list(steps), "R": [[y, y, y] for y in ys], "R_mean": ys}
+        summary[key] = {"peak_R_mean": top, "peak_R1": top, "peak_step": steps[-1], "final_R_mean": top,
+                        "phase_median_R_mean": {"pre": ys[0], "transition": ys[1], "post": ys[-1]}}
+    for key, top in (fd or {}).items():
+        summary[key] = {"peak_R_mean": top, "peak_R1": top, "peak_step": steps[-1], "final_R_mean": top}
+    return {"measured": list(steps), "n_snapshots_total": 61, "last_step": steps[-1], "phases": {"add": list(phases)},
+            "random_median": {"add": [1.0] * len(steps)}, "series": {"add": series}, "summary": {"add": summary}}
+
+
+def coupling_cell(op, seed, grad, upd, grad_post, analysis=(1.0, 1.1, 0.9)):
+    scans = {"stop_rule": {}, "post_grok": {}}
+    for a, f in enumerate(analysis):
+        scans["stop_rule"][str(a)] = scan({"gradient/leading": grad * f, "update/leading": upd * f},
+                                          fd={"gradient/leading/fd_eps=0.005": grad * 0.95} if a == 0 else None)
+        scans["post_grok"][str(a)] = scan({"gradient/leading": grad_post * f, "update/leading": upd * f},
+                                          steps=(0, 500, 1000, 1500, 2000),
+                                          fd={"gradient/leading/fd_eps=0.005": grad_post * 0.6} if a == 0 else None)
+    for by in scans.values():
+        for s in by.values():
+            s["series"] = {op: s["series"]["add"]}
+            s["summary"] = {op: s["summary"]["add"]}
+            s["phases"] = {op: s["phases"]["add"]}
+    train = {"steps": 8000, "stop_acc": 0.98, "stop_patience": 20, "post_grok_steps": 1000}
+    config = {"grokking": {"ops": [op], "seed": seed, "train": train}, "every": 25,
+              "scan": {"n_snapshots": 40, "window": 20, "k": 3, "n_probes": 1024, "n_random": 20,
+                       "ablation_windows": [], "ablation_eps": []}}
+    summary = {"train": {"steps": 2000, "grok_step": {op: 900}, "stop_step": 1500, "cross_step": 1000},
+               "scans": scans, "history": {}, "timings": {"train": 300.0, "scan": 200.0, "outputs": 1.0}}
+    return {"name": f"{op}-s{seed}", "target": "x:y", "config": config, "summary": summary}
+
+
+def intervention_cell(op, seed, condition, method, grok_step):
+    config = {"condition": condition, "grokking": {"ops": [op], "seed": seed},
+              "projection": {"apply_to": method, "mode": "keep"}}
+    return {"config": config, "summary": {"grok_step": {op: grok_step}, "steps": grok_step or 2000, "wall_time_s": 60.0}}
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    d = tmp_path / "runs"
+    cells = {"coupling/cells/add-s42": coupling_cell("add", 42, 120.0, 8.0, 260.0),
+             "coupling/cells/mul-s42": coupling_cell("mul", 42, 90.0, 6.0, 200.0),
+             "coupling/cells/add-s137": coupling_cell("add", 137, 150.0, 9.0, 300.0),
+             "intervention/add-gradient/A-s42": intervention_cell("add", 42, "A", "gradient", 3000),
+             "intervention/add-gradient/C-s42": intervention_cell("add", 42, "C", "gradient", 1000),
+             "intervention/add-gradient/E-s42": intervention_cell("add", 42, "E", "gradient", None)}
+    for name, data in cells.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / f"{name}.json").write_text(json.dumps(data))
+    return d
+
+
+def test_results_are_typed_from_their_configs_not_their_names(results_dir):
+    res = load_results(results_dir)
+    assert res.ops == ["add", "mul"] and res.seeds == [42, 137]
+    add42 = next(r for r in res.single("add") if r.seed == 42)
+    assert add42.over_seeds("stop_rule", "add", "gradient/leading").values == pytest.approx((120.0, 132.0, 108.0))
+    assert add42.over_seeds("stop_rule", "add", "gradient/leading").median == pytest.approx(120.0)
+    assert add42.phase_medians("post_grok", "add", "gradient/leading")["post"] == pytest.approx(260.0)
+    assert res.intervention_grids() == [("add", "gradient")]
+    assert res.worker_s == pytest.approx(3 * 501.0 + 3 * 60.0)
+
+
+def test_spread_and_speedups_against_hand_computed_values(results_dir):
+    sp = Spread.of([3.0, None, 1.0, 2.0])
+    assert (sp.n, sp.median, sp.lo, sp.hi, sp.mean, sp.sd) == (3, 2.0, 1.0, 3.0, 2.0, 1.0)
+    res = load_results(results_dir)
+    s = speedups(res.grid("add", "gradient"))
+    assert s["C"]["speedup"] == pytest.approx(3.0) and s["C"]["per_seed"] == {42: pytest.approx(3.0)}
+    # A run that never grokked counts at its last step (2000) and is marked censored.
+    assert s["E"]["censored"] == 1 and s["E"]["speedup"] == pytest.approx(1.5)
+
+
+def test_the_report_states_the_run_length_effect_the_noise_and_the_derivative_with_numbers(results_dir):
+    res = load_results(results_dir)
+    text = "\n".join(b.text for b in differences(res) if hasattr(b, "text"))
+    # Post-grok / stop-rule gradient peaks: 260/120, 200/90, 300/150.
+    assert "2.00–2.22×" in text and "add s42 120 → 260" in text
+    assert "Runs inside the paper's 100–330: 2 of 3 stop-rule, 3 of 3 post-grok" in text
+    assert "range of 20% of its median" in text  # analysis seeds at ×1.1 and ×0.9
+    assert "0.95× the exact one in the stop-rule runs" in text and "0.60× the exact one in the post-grok runs" in text
+    rows = headline(res)[0].rows
+    assert any(r[0].startswith("single-task gradient-SED peak R̄, exact") and r[2].startswith("90–150") and
+               r[3].startswith("200–300") for r in rows)
+    claims = claim_numbers(res)
+    assert claims["gradient_over_update_min/stop_rule"] == pytest.approx(15.0)
+    assert claims["keep_speedup_min"] == pytest.approx(1.5)
+
+
+def test_report_files_and_figures(results_dir, tmp_path):
+    md, html = write_report(results_dir, tmp_path / "out" / "REPRODUCTION.md", {"source": "RUNS", "report": "R.md"})
+    text = md.read_text()
+    assert "--report-only --results RUNS --report R.md" in text and "Training seeds so far: 42, 137" in text
+    figs = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    assert len(figs) == 2 and all((md.parent / f).is_file() for f in figs)
+    assert html.read_text().count("data:image/png;base64,") == 2
+
+
+def test_missing_or_old_results_are_one_clear_error(tmp_path):
+    with pytest.raises(SedLensError, match="does not exist"):
+        load_results(tmp_path / "nothing")
+    (tmp_path / "old.json").write_text(json.dumps({"config": {"scan": {}, "grokking": {"ops": ["add"], "seed": 1}},
+                                                   "summary": {"train": {}, "coupling": {}}}))
+    with pytest.raises(SedLensError, match="rerun the reproduction"):
+        load_results(tmp_path)
+
+
+def test_the_committed_results_regenerate_the_committed_report(tmp_path, monkeypatch):
+    runs, committed = ROOT / "docs" / "reproduction" / "runs", ROOT / "docs" / "REPRODUCTION.md"
+    assert any(runs.rglob("*.json")), "docs/reproduction/runs holds the reproduction's compact results"
+    monkeypatch.chdir(ROOT)
+    md, _ = write_report("docs/reproduction/runs", tmp_path / "REPRODUCTION.md",
+                         {"source": "docs/reproduction/runs", "report": "docs/REPRODUCTION.md"})
+    assert md.read_text() == committed.read_text()
