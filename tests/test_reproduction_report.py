@@ -132,3 +132,16 @@ def test_the_committed_results_regenerate_the_committed_report(tmp_path, monkeyp
     md, _ = write_report("docs/reproduction/runs", tmp_path / "REPRODUCTION.md",
                          {"source": "docs/reproduction/runs", "report": "docs/REPRODUCTION.md"})
     assert md.read_text() == committed.read_text()
+
+
+def test_a_run_whose_stop_rule_fired_after_the_post_grok_stretch_is_its_own_post_grok_run(tmp_path):
+    cell = coupling_cell("sq", 42, 150.0, 7.0, 999.0)
+    del cell["summary"]["scans"]["post_grok"]
+    cell["summary"]["train"].update({"cross_step": 2125, "stop_step": 3525, "steps": 3525})
+    (tmp_path / "sq.json").write_text(json.dumps(cell))
+    run = load_results(tmp_path).single("sq")[0]
+    assert run.lengths == ["stop_rule", "post_grok"]
+    assert run.over_seeds("post_grok", "sq", "gradient/leading").median == pytest.approx(150.0)
+    cell["summary"]["train"]["stop_step"] = 2500  # stopped within the stretch and never trained past it
+    (tmp_path / "sq.json").write_text(json.dumps(cell))
+    assert load_results(tmp_path).single("sq")[0].lengths == ["stop_rule"]

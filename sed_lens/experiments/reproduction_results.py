@@ -192,6 +192,12 @@ def _coupling(path: Path, data: dict[str, Any]) -> CouplingRun:
                         "rerun the reproduction to regenerate it.")
     g = data["config"]["grokking"]
     scans = {length: {int(a): scan for a, scan in by_seed.items()} for length, by_seed in s["scans"].items()}
+    train, extra = s["train"], g.get("train", {}).get("post_grok_steps", 0)
+    if ("post_grok" not in scans and extra and train.get("stop_step") is not None and train.get("cross_step") is not None
+            and train["stop_step"] >= train["cross_step"] + extra):
+        # The stop rule fired only after the post-grok stretch had passed (accuracy dips reset its count): the
+        # stop-rule run already is the post-grok run.
+        scans["post_grok"] = scans["stop_rule"]
     return CouplingRun(path, tuple(g["ops"]), int(g["seed"]), data["config"], s["train"], scans, s.get("history", {}),
                        s.get("timings", {}))
 
