@@ -430,26 +430,3 @@ def final_coupling_figure(final: Mapping[str, Any], title: str = "Coupling of th
 def final_coupling(final: Mapping[str, Any], path: str | Path, title: str = "Coupling of the final SED bases") -> Path:
     """:func:`final_coupling_figure` written to ``path`` (the grokking run's ``coupling.png``)."""
     return save_figure(final_coupling_figure(final, title), path)
-
-
-def plot_run(run_dir: str | Path, log_steps: bool = False) -> dict[str, Figure]:
-    """The figures of a grokking run directory, redrawn from its files (nothing is written):
-    ``{"grokking": …, "sed_spectra": …, "coupling": …}`` — the last two where the run recorded SED / measured
-    the final coupling. Each ``Figure`` displays inline in Jupyter."""
-    from sed_lens.loading import load_run
-
-    run = load_run(run_dir)
-    cfg, history = run.config, run.metrics
-    check(len(history) > 0, f"{run.dir} has no metrics yet (metrics.jsonl is empty or missing).")
-    grok = run.summary.get("grok_step")
-    if grok is None:  # an unfinished run: the grok step from its metrics
-        grok = {op: next((r["step"] for r in history if r.get(f"test/acc/{op}", 0) >= cfg.train.grok_acc), None)
-                for op in cfg.ops}
-    figs = {"grokking": grokking_figure(history, cfg.ops, grok, f"Grokking {cfg.name}", log_steps)}
-    if sed_streams(history):
-        figs["sed_spectra"] = sed_spectra_figure(history, f"SED spectra over training ({cfg.name})",
-                                                 cfg.sed_window, cfg.sed_k)
-    if run.summary.get("final_coupling"):
-        figs["coupling"] = final_coupling_figure(run.summary["final_coupling"],
-                                                 f"Coupling of the final SED bases ({cfg.name})")
-    return figs

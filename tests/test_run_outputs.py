@@ -1,5 +1,5 @@
 """What a grokking run shows and leaves behind: SED on by default, the final coupling printed, plotted and saved,
-the figures' layout, and ``load_run`` / ``plots.plot_run`` reading a run directory back."""
+the figures' layout, and ``load_run`` / ``LoadedRun.figures`` reading a run directory back."""
 
 import json
 import sys
@@ -129,7 +129,7 @@ def _texts(fig):
 
 def test_plot_run_figures_layout(run):
     d, _ = run
-    figs = plots.plot_run(d)
+    figs = load_run(d).figures()
     assert set(figs) == {"grokking", "sed_spectra", "coupling"}
     for fig in figs.values():
         texts = _texts(fig)
@@ -147,7 +147,7 @@ def test_plot_run_figures_layout(run):
         if leg is not None:
             assert leg.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1 - 1
     assert figs["coupling"].axes[0].get_yscale() == "log"
-    log = plots.plot_run(d, log_steps=True)["grokking"]
+    log = load_run(d).figures(log_steps=True)["grokking"]
     assert log.axes[1].get_xscale() == "log"
     assert min(min(line.get_xdata()) for line in log.axes[0].get_lines() if len(line.get_xdata()) > 2) > 0
 
