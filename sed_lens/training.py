@@ -409,6 +409,15 @@ class _StopSignals:
         self.previous = {}
 
 
+def _in_notebook() -> bool:
+    """True inside a running Jupyter kernel — not merely when something imported ipykernel (nbclient, a test that
+    executes a notebook), which would put carriage-return bars into a log file."""
+    if "ipykernel" not in sys.modules or "IPython" not in sys.modules:
+        return False
+    shell = sys.modules["IPython"].get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
 class _Progress:
     """Training progress. In a terminal or notebook a tqdm bar over the step cap (the description says when the
     stop rule can end the run sooner) with loss, train and test accuracy; elsewhere — a log file, CI — a plain
@@ -429,7 +438,7 @@ class _Progress:
         self.t0 = time.perf_counter()
         self.last_line: int | None = None
         self.bar: Any = None
-        if sys.stderr.isatty() or "ipykernel" in sys.modules:
+        if sys.stderr.isatty() or _in_notebook():
             self.bar = tqdm(total=cfg.steps, initial=trainer.step, desc=self.desc, unit="step", mininterval=0.5,
                             dynamic_ncols=True, leave=True)
         else:

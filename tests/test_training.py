@@ -1,4 +1,5 @@
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -214,3 +215,16 @@ def test_post_grok_steps_continue_the_same_trajectory_past_the_stop_rule(tiny_ta
     # Bitwise the same trajectory up to the stop step.
     assert [r["loss"] for r in long.history[:len(short.history)]] == [r["loss"] for r in short.history]
     assert long.summary()["stop_step"] == 40
+
+
+def test_progress_is_plain_lines_even_after_something_imported_ipykernel(tiny_task, capsys, monkeypatch):
+    # A notebook test (nbclient) imports ipykernel into the test process; only a running kernel means a notebook.
+    import types
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    fake_ipython = types.ModuleType("IPython")
+    fake_ipython.get_ipython = lambda: None
+    monkeypatch.setitem(sys.modules, "IPython", fake_ipython)
+    cfg = TrainConfig(steps=40, eval_every=5, checkpoint_every=0)
+    Trainer(build_model("xu2026", tiny_task), tiny_task, cfg, progress=True).fit()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.startswith("train") and ": step " in err
