@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import interleaved, machine
+from sed_lens.analysis.streams import gradient_batch, task_gradients
 from sed_lens.cli import ArgumentParser
-from sed_lens.hooks.capture import GradientCapture, gradient_batch, task_gradients
+from sed_lens.hooks.capture import GradientCapture
 from sed_lens.models import build_model, readout_logits, split_logits
 from sed_lens.subspace import ParamSubspace
 from sed_lens.tasks import ModularArithmetic

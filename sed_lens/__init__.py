@@ -14,9 +14,10 @@ if TYPE_CHECKING:
     from sed_lens.analysis.centroids import centroids
     from sed_lens.analysis.coupling import CouplingResult, centroid_response, coupling
     from sed_lens.analysis.sed import RollingSED
+    from sed_lens.analysis.streams import capture_task_gradients
     from sed_lens.analysis.trajectory import ScanConfig, scan_coupling
     from sed_lens.grid import Cell, run_grid
-    from sed_lens.hooks.capture import GradientCapture, capture_task_gradients
+    from sed_lens.hooks.capture import GradientCapture
     from sed_lens.hooks.interventions import SubspaceProjection
     from sed_lens.hooks.snapshots import SnapshotStore
     from sed_lens.loading import LoadedRun, load_run
@@ -32,9 +33,10 @@ _LAZY = {
     "sed_lens.analysis.centroids": ("centroids",),
     "sed_lens.analysis.coupling": ("CouplingResult", "centroid_response", "coupling"),
     "sed_lens.analysis.sed": ("RollingSED",),
+    "sed_lens.analysis.streams": ("capture_task_gradients",),
     "sed_lens.analysis.trajectory": ("ScanConfig", "scan_coupling"),
     "sed_lens.grid": ("Cell", "run_grid"),
-    "sed_lens.hooks.capture": ("GradientCapture", "capture_task_gradients"),
+    "sed_lens.hooks.capture": ("GradientCapture",),
     "sed_lens.hooks.interventions": ("SubspaceProjection",),
     "sed_lens.hooks.snapshots": ("SnapshotStore",),
     "sed_lens.models": ("PRESETS", "Readout", "build_model", "get_readout", "set_readout", "task_logits"),

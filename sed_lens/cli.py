@@ -1,8 +1,10 @@
 """Command-line plumbing shared by every experiment: flags generated from config dataclasses, clean errors.
 
 Each experiment's config is a dataclass (nested dataclasses are flattened); every field becomes one flag,
-``snake_case`` → ``--kebab-case``, with the field's ``metadata`` giving ``help``, ``choices``, ``aliases`` and a
-``parse`` function for list-valued fields. A user error — a bad flag or value, or a :class:`SedLensError`
+``snake_case`` → ``--kebab-case``, with the field's ``metadata`` giving ``help``, ``aliases`` and a ``parse``
+function for list-valued fields. A ``Literal`` annotation gives the flag's ``choices`` (``metadata["choices"]``
+does for a plain ``str``); fields that a shared piece of :mod:`sed_lens.configs` declares (its ``cli_group``) are
+listed under that piece's heading in ``--help``. A user error — a bad flag or value, or a :class:`SedLensError`
 raised while running — prints one line on stderr and exits with status 2, never a traceback.
 """
 
@@ -16,6 +18,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
+from sed_lens.configs import describe, fits, flag
 from sed_lens.errors import SedLensError
 
 C = TypeVar("C")
@@ -53,16 +56,24 @@ def _scalar_type(tp: Any) -> Any:
     return tp
 
 
-def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
-    """Leaf fields of a (possibly nested) config dataclass, with their resolved types."""
+def _group(cls: type, name: str) -> str | None:
+    """The ``cli_group`` of the class in ``cls``'s hierarchy that declares the field ``name`` (None: no piece)."""
+    for base in cls.__mro__:
+        if name in base.__dict__.get("__annotations__", {}):
+            return base.__dict__.get("cli_group")
+    return None
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any, str | None]]:
+    """Leaf fields of a (possibly nested) config dataclass, with their resolved types and ``--help`` groups."""
     hints = typing.get_type_hints(cls)
-    out: list[tuple[dataclasses.Field[Any], Any]] = []
+    out: list[tuple[dataclasses.Field[Any], Any, str | None]] = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             out.extend(_fields(tp))  # type: ignore[arg-type]
         elif f.metadata.get("cli", True):
-            out.append((f, tp))
+            out.append((f, tp, _group(cls, f.name)))
     return out
 
 
@@ -70,14 +81,19 @@ def parser_for(cls: type, prog: str, description: str, epilog: str | None = None
     """An :class:`ArgumentParser` with one flag per field of the config dataclass ``cls``."""
     ap = ArgumentParser(prog=prog, description=description, epilog=epilog,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f, tp in _fields(cls):
+    # one heading per piece the config is made of, in the order of its bases (ModelOptions, TrackingOptions, ...)
+    groups = {g: ap.add_argument_group(g) for g in dict.fromkeys(
+        base.__dict__["cli_group"] for base in cls.__mro__ if "cli_group" in base.__dict__)}
+    for f, tp, group in _fields(cls):
         meta = f.metadata
-        flags = [f"--{f.name.replace('_', '-')}", *meta.get("aliases", ())]
+        flags = [flag(f.name), *meta.get("aliases", ())]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
         kw: dict[str, Any] = {"help": meta.get("help", ""), "dest": f.name, "default": argparse.SUPPRESS}
-        if "choices" in meta:
-            kw["choices"] = meta["choices"]
         scalar = _scalar_type(tp)
+        if typing.get_origin(scalar) is typing.Literal:
+            kw["choices"] = typing.get_args(scalar)
+        elif "choices" in meta:
+            kw["choices"] = meta["choices"]
         if scalar is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(scalar) is tuple:
@@ -90,7 +106,9 @@ def parser_for(cls: type, prog: str, description: str, epilog: str | None = None
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         if default is not None:
             kw["help"] = f"{kw['help']} (default: {shown})"
-        ap.add_argument(*flags, **kw)
+        if group is not None and group not in groups:
+            groups[group] = ap.add_argument_group(group)
+        (groups[group] if group is not None else ap).add_argument(*flags, **kw)
     return ap
 
 
@@ -108,23 +126,34 @@ def config_from_args(cls: type[C], ns: argparse.Namespace) -> C:
     return cls(**kwargs)
 
 
-def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
-    """Build the (nested) config dataclass ``cls`` from a dict such as ``asdict(config)`` or a JSON file;
-    lists become tuples where the field's default is a tuple. Unknown keys raise :class:`SedLensError`."""
+def config_from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
+    """Build the (nested) config dataclass ``cls`` from a dict such as ``asdict(config)`` or a JSON file; lists
+    become tuples. An unknown key (a config written by another version of sed_lens, or edited by hand) or a value
+    of the wrong type raises :class:`SedLensError` naming the key and what it must be; keys left out keep their
+    defaults. ``where``: the key path of ``data`` inside an enclosing config (for messages)."""
+    if not isinstance(data, dict):
+        raise SedLensError(f"{where or cls.__name__} must be a dict of {cls.__name__} fields, got {data!r}.")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise SedLensError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}.")
+        inside = f" in {where!r}" if where else ""
+        raise SedLensError(f"unknown {cls.__name__} field(s){inside}: {', '.join(map(str, unknown))} "
+                           "(a config written by another version of sed_lens?).")
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name not in data:
             continue
-        value, tp = data[f.name], hints[f.name]
-        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-            value = config_from_dict(tp, value)  # type: ignore[arg-type]
-        elif isinstance(value, list):
-            value = tuple(value)
+        value, tp, key = data[f.name], hints[f.name], f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            if not isinstance(value, tp):
+                value = config_from_dict(tp, value, key)
+        else:
+            if isinstance(value, list):
+                value = tuple(value)
+            if not fits(tp, value):
+                raise SedLensError(f"{cls.__name__} key {key!r} must be {describe(tp)}, got {value!r} "
+                                   f"(a {type(value).__name__}).")
         kwargs[f.name] = value
     return cls(**kwargs)
 

@@ -28,7 +28,7 @@ import shutil
 import socket
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -37,27 +37,27 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from sed_lens.configs import BACKENDS
 from sed_lens.errors import SedLensError, check
 from sed_lens.tracking import to_jsonable, write_json
 
-BACKENDS = ("local", "ray")
 MARKER = "cell.json"
-TRACKING_KEYS = frozenset({"wandb_mode", "wandb_project", "progress"})
-"""Config keys that change where a run is logged, not what it computes: ignored when matching finished cells."""
 
 
-def comparable(config: Any) -> Any:
-    """``config`` as JSON without the tracking-only keys (at any depth), for deciding whether a cell is done."""
+def comparable(config: Any, ignore_keys: Collection[str] = ()) -> Any:
+    """``config`` as JSON without the keys ``ignore_keys`` (at any depth), for deciding whether a cell is done."""
     if isinstance(config, dict):
-        return {k: comparable(v) for k, v in config.items() if k not in TRACKING_KEYS}
+        return {k: comparable(v, ignore_keys) for k, v in config.items() if k not in ignore_keys}
     if isinstance(config, list):
-        return [comparable(v) for v in config]
+        return [comparable(v, ignore_keys) for v in config]
     return config
 
 
-def same_config(a: Any, b: Any) -> bool:
-    """Whether two cell configs compute the same run (tracking-only keys aside)."""
-    return bool(comparable(to_jsonable(a)) == comparable(to_jsonable(b)))
+def same_config(a: Any, b: Any, ignore_keys: Collection[str] = ()) -> bool:
+    """Whether two cell configs compute the same run: equal as JSON once the keys ``ignore_keys`` (at any depth;
+    those that change where a run is logged, not what it computes) are left out."""
+    ignore = frozenset(ignore_keys)
+    return bool(comparable(to_jsonable(a), ignore) == comparable(to_jsonable(b), ignore))
 
 
 @dataclass(frozen=True)
@@ -149,10 +149,13 @@ def _execute_safely(cell: Cell, run_dir: str, threads: int | None) -> tuple[dict
 def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", workers: int | None = None,
              threads: int = 1, ray_address: str | None = None, progress: bool = True,
              desc: str = "grid", changed: str = "error",
-             on_done: Callable[[CellResult], None] | None = None) -> list[CellResult]:
+             on_done: Callable[[CellResult], None] | None = None,
+             ignore_keys: Collection[str] = ()) -> list[CellResult]:
     """Run every incomplete cell of ``cells`` under ``root``; results in the order of ``cells``.
 
-    A cell is skipped when its directory holds a ``cell.json`` with the same config. One with another config
+    A cell is skipped when its directory holds a ``cell.json`` with the same config, compared without the keys
+    ``ignore_keys`` at any depth (the caller's keys that change where a run is logged, not what it computes, e.g.
+    ``sed_lens.experiments.grokking.TRACKING_KEYS``; none by default). One with another config
     raises :class:`SedLensError` before any work (``changed="error"``) or is deleted and run again
     (``changed="rerun"``). A cell that raises is reported in its :class:`CellResult` (``error``) and the others still run;
     call :func:`raise_failures` to turn failures into one error. ``on_done(result)`` is called in this process as
@@ -174,7 +177,7 @@ def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", wo
     for c in cells:
         run_dir = root / c.name
         done = load_cell(run_dir) if is_complete(run_dir) else None
-        if done is not None and same_config(done.get("config"), c.config):
+        if done is not None and same_config(done.get("config"), c.config, ignore_keys):
             results[c.name] = CellResult(c.name, str(run_dir), done["summary"], skipped=True)
         elif done is not None and changed == "error":
             raise SedLensError(f"{run_dir} holds a finished run with other settings; choose another --out or "
@@ -264,9 +267,7 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
 def ray_runtime_env() -> dict[str, Any]:
     """The Ray ``runtime_env`` that makes workers import this sed_lens: when it is a source checkout (not an
     installed package), its directory goes first on the workers' PYTHONPATH."""
-    import sed_lens
-
-    src = Path(sed_lens.__file__).resolve().parent.parent
+    src = Path(__file__).resolve().parent.parent  # the folder holding the sed_lens package
     if not (src / "pyproject.toml").is_file():
         return {}
     paths = [str(src), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(src)]]

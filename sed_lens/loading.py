@@ -81,14 +81,16 @@ class LoadedRun:
     @cached_property
     def model(self) -> HookedTransformer:
         """The model at the end of training (the run's last checkpoint, ``checkpoints/last.pt``)."""
-        import torch
+        from sed_lens.serialization import UnsafeFileError, load
 
         path = self.dir / "checkpoints" / "last.pt"
         check(path.is_file(), f"{self.dir} has no checkpoint (checkpoints/last.pt): the run was made with "
               "--checkpoint-every 0 or stopped before its first checkpoint.")
         try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
+            state = load(path, map_location=self.device)
             check(isinstance(state, dict) and "model" in state, "not a checkpoint")
+        except UnsafeFileError:
+            raise
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
             raise SedLensError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}).") from None
         model = self._new_model()
@@ -105,7 +107,7 @@ class LoadedRun:
 
     def model_at(self, step: int) -> HookedTransformer:
         """The model at a saved snapshot ``step`` (a fresh model each call)."""
-        import torch
+        from sed_lens.serialization import load
 
         steps = self.snapshot_steps
         if not steps:
@@ -115,8 +117,7 @@ class LoadedRun:
             shown = ", ".join(map(str, steps[:8])) + (f", … {steps[-1]}" if len(steps) > 8 else "")
             raise SedLensError(f"no snapshot at step {step} in {self.dir}; saved steps: {shown}.")
         model = self._new_model()
-        model.load_state_dict(torch.load(self.dir / "snapshots" / f"step_{step:06d}.pt", map_location=self.device,
-                                         weights_only=True))
+        model.load_state_dict(load(self.dir / "snapshots" / f"step_{step:06d}.pt", map_location=self.device))
         model.eval()
         return model
 
@@ -153,10 +154,10 @@ class LoadedRun:
     @cached_property
     def sed_bases(self) -> dict[str, Any] | None:
         """``sed_bases.pt`` (the final SED bases per stream, with the subspace layout), or None if not saved."""
-        import torch
+        from sed_lens.serialization import load
 
         path = self.dir / "sed_bases.pt"
-        return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+        return load(path, map_location="cpu") if path.is_file() else None
 
     @property
     def history(self) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sed_lens.configs import INITS, PRESETS, Preset, get_preset  # noqa: F401 - defined torch-free for the CLIs
 from sed_lens.errors import SedLensError, check
+from sed_lens.serialization import plain
 from sed_lens.tasks import ModularArithmetic
 from sed_lens.torch_reference import TorchTransformer, hooked_state_dict
 
@@ -48,6 +49,15 @@ class Readout:
         return self.ops.index(op)
 
 
+# Where a model's sed_lens metadata lives: one slot per model instance, written only by set_readout /
+# set_preset_info and read only by get_readout / has_readout / get_preset_info (typed, validated values). It is on
+# the instance rather than in a side table so that copy.deepcopy, pickling (process pools, Ray) and .to() keep it;
+# the model stays a plain HookedTransformer whose state dict is TransformerLens' own. model_spec records the
+# metadata as JSON and model_from_spec restores it, so a state-dict round trip loses nothing.
+_READOUT_SLOT = "_sed_lens_readout"
+_PRESET_SLOT = "_sed_lens_preset"
+
+
 def set_readout(model: HookedTransformer, position: int, ops: Sequence[str] = ("y",),
                 n_classes: int | None = None) -> Readout:
     """Attach readout metadata to a user's ``HookedTransformer`` (position, op names, classes per op)."""
@@ -59,16 +69,44 @@ def set_readout(model: HookedTransformer, position: int, ops: Sequence[str] = ("
     check(-model.cfg.n_ctx <= position < model.cfg.n_ctx,
           f"readout position {position} is outside the model's context of {model.cfg.n_ctx}.")
     r = Readout(position, ops, n_classes)
-    model.sed_readout = r  # type: ignore[assignment]
+    setattr(model, _READOUT_SLOT, r)
     return r
 
 
 def get_readout(model: HookedTransformer) -> Readout:
     """The model's :class:`Readout`; a model built elsewhere reads the last position with one head."""
-    r = getattr(model, "sed_readout", None)
+    r = getattr(model, _READOUT_SLOT, None)
     if isinstance(r, Readout):
         return r
     return Readout(-1, ("y",), model.cfg.d_vocab_out)
+
+
+def has_readout(model: HookedTransformer) -> bool:
+    """Whether ``model`` carries a :class:`Readout` (from :func:`build_model` or :func:`set_readout`)."""
+    return isinstance(getattr(model, _READOUT_SLOT, None), Readout)
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    """How :func:`build_model` made a model: its preset's name, the initialisation and its seed."""
+
+    preset: str
+    init: str
+    seed: int
+
+
+def set_preset_info(model: HookedTransformer, info: PresetInfo) -> PresetInfo:
+    """Record how ``model`` was built (:func:`build_model` does; :func:`model_from_spec` restores it)."""
+    check(isinstance(info, PresetInfo), f"preset info must be a PresetInfo, got {type(info).__name__}.")
+    setattr(model, _PRESET_SLOT, info)
+    return info
+
+
+def get_preset_info(model: HookedTransformer) -> PresetInfo | None:
+    """The :class:`PresetInfo` of a model made by :func:`build_model` (None for a model built elsewhere).
+    (:func:`get_preset` is the preset *definition* by name.)"""
+    info = getattr(model, _PRESET_SLOT, None)
+    return info if isinstance(info, PresetInfo) else None
 
 
 def hooked_config(preset: str | Preset, task: ModularArithmetic, device: str | torch.device = "cpu") -> HookedTransformerConfig:
@@ -136,7 +174,7 @@ def build_model(preset: str = "xu2026", task: ModularArithmetic | None = None, *
             torch.manual_seed(seed)
             model = new_hooked_transformer(cfg)
     set_readout(model, pr.readout_position, task.ops, task.p)
-    model.sed_preset = {"preset": pr.name, "init": init, "seed": seed}  # type: ignore[assignment]
+    set_preset_info(model, PresetInfo(pr.name, init, seed))
     return model
 
 
@@ -181,4 +219,24 @@ def model_spec(model: HookedTransformer) -> dict[str, Any]:
     """JSON-able description of a model: its TransformerLens config, readout and preset (if any)."""
     cfg = {k: (str(v) if isinstance(v, (torch.dtype, torch.device)) else v) for k, v in model.cfg.to_dict().items()}
     cfg = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool, type(None), list))}
-    return {"cfg": cfg, "readout": asdict(get_readout(model)), "preset": getattr(model, "sed_preset", None)}
+    info = get_preset_info(model)
+    return plain({"cfg": cfg, "readout": asdict(get_readout(model)), "preset": None if info is None else asdict(info)})
+
+
+def model_from_spec(spec: Mapping[str, Any], state_dict: Mapping[str, Tensor] | None = None,
+                    device: str | torch.device | None = None) -> HookedTransformer:
+    """The model :func:`model_spec` describes — its TransformerLens config, :class:`Readout` and
+    :class:`PresetInfo` — loaded with ``state_dict`` if given; on ``device`` (default: TransformerLens')."""
+    fields = HookedTransformerConfig.__dataclass_fields__
+    kwargs: dict[str, Any] = {k: v for k, v in spec["cfg"].items() if k in fields and k not in ("dtype", "device")}
+    if device is not None:
+        kwargs["device"] = str(device)
+    cfg = HookedTransformerConfig(**kwargs)
+    model = new_hooked_transformer(cfg)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    if (r := spec.get("readout")) is not None:
+        set_readout(model, r["position"], r["ops"], r["n_classes"])
+    if (p := spec.get("preset")) is not None:
+        set_preset_info(model, PresetInfo(p["preset"], p["init"], p["seed"]))
+    return model

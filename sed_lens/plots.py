@@ -16,7 +16,7 @@ The last four take the data as stored in run directories and write the PNG to ``
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sed_lens.analysis.trajectory import split_key
+from sed_lens.analysis.scan_key import ScanKey, parse_keys, stream_name
 from sed_lens.errors import check
 from sed_lens.tracking import atomic_write_bytes
 
@@ -151,17 +151,11 @@ SOURCE_COLORS = {"update": "tab:blue", "gradient": "tab:orange", "task_gradient"
 ALIGN_STYLES = {"leading": "-", "trailing": "--"}
 
 
-def _stream_of(key: str) -> tuple[str, str]:
-    """``"task_gradient/add/leading"`` → (``"task_gradient"``, ``"leading"``)."""
-    stream, align, _ = split_key(key)
-    return stream.split("/")[0], align
-
-
-def series(coupling: Mapping[str, Any], op: str, key: str, value: str = "R_mean") -> tuple[list[int], list[float]]:
+def series(coupling: Mapping[str, Any], op: str, key: ScanKey, value: str = "R_mean") -> tuple[list[int], list[float]]:
     """(steps, values) of one measured key of a ``coupling.json``."""
     xs, ys = [], []
     for row in coupling["snapshots"]:
-        res = row["ops"].get(op, {}).get(key)
+        res = row["ops"].get(op, {}).get(str(key))
         if res is not None:
             xs.append(row["step"])
             ys.append(res[value] if value != "R1" else res["R"][0])
@@ -240,9 +234,10 @@ def _mantissa(v: float) -> int:
 
 
 def coupling_trajectory(coupling: Mapping[str, Any], history: Sequence[Mapping[str, Any]], op: str, path: str | Path,
-                        keys: Sequence[str] | None = None, title: str | None = None) -> Path:
-    """One run: accuracy (top) and R̄ of every SED stream over training (bottom, log scale; R̄ = 1 dotted)."""
-    keys = keys or sorted(k for k in coupling["summary"][op] if not split_key(k)[2])
+                        keys: Sequence[ScanKey] | None = None, title: str | None = None) -> Path:
+    """One run: accuracy (top) and R̄ of every SED stream over training (bottom, log scale; R̄ = 1 dotted).
+    ``keys``: what to draw (default: every main measurement of the run)."""
+    keys = keys or sorted((k for k in parse_keys(coupling["summary"][op]) if k.is_main), key=str)
     fig = InlineFigure(figsize=(7.5, 6), layout="constrained")
     FigureCanvasAgg(fig)
     a0, a1 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1, 2]})
@@ -252,10 +247,9 @@ def coupling_trajectory(coupling: Mapping[str, Any], history: Sequence[Mapping[s
     a0.set_ylabel("accuracy")
     a0.legend(fontsize=8)
     for key in keys:
-        src, align = _stream_of(key)
         xs, ys = series(coupling, op, key)
-        a1.plot(xs, ys, ALIGN_STYLES.get(align, "-"), color=SOURCE_COLORS.get(src, "tab:purple"), marker="o", ms=2.5,
-                label=f"{src} SED ({align})")
+        a1.plot(xs, ys, ALIGN_STYLES.get(key.align, "-"), color=SOURCE_COLORS.get(key.source, "tab:purple"), marker="o",
+                ms=2.5, label=f"{key.source} SED ({key.align})")
     a1.axhline(1.0, color="gray", ls=":", lw=1)
     a1.set_yscale("log")
     plain_log_ticks(a1)
@@ -267,8 +261,10 @@ def coupling_trajectory(coupling: Mapping[str, Any], history: Sequence[Mapping[s
 
 
 def coupling_panels(runs: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]], path: str | Path,
-                    keys: Sequence[str], title: str, op_of_panel: Mapping[str, str] | None = None) -> Path:
-    """One panel per op (``runs[op]`` = [(label, coupling.json)]): R̄ over training for ``keys`` (log scale)."""
+                    keys: Callable[[str], Sequence[ScanKey]], title: str,
+                    op_of_panel: Mapping[str, str] | None = None) -> Path:
+    """One panel per op (``runs[op]`` = [(label, coupling.json)]): R̄ over training (log scale) of ``keys(op)``,
+    the keys drawn in the panel of ``op``."""
     panels = list(runs)
     cols = min(4, len(panels))
     rows = int(np.ceil(len(panels) / cols))
@@ -278,13 +274,11 @@ def coupling_panels(runs: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]],
     for ax, panel in zip(axes.flat, panels, strict=False):
         op = (op_of_panel or {}).get(panel, panel)
         for label, coupling in runs[panel]:
-            for key in keys:
-                k = key.replace("{op}", op)
-                src, align = _stream_of(k)
+            for k in keys(op):
                 xs, ys = series(coupling, op, k)
                 if xs:
-                    ax.plot(xs, ys, ALIGN_STYLES.get(align, "-"), color=SOURCE_COLORS.get(src, "tab:purple"), lw=1.2,
-                            alpha=0.85, label=f"{src} ({align})" if label == runs[panel][0][0] else None)
+                    ax.plot(xs, ys, ALIGN_STYLES.get(k.align, "-"), color=SOURCE_COLORS.get(k.source, "tab:purple"), lw=1.2,
+                            alpha=0.85, label=f"{k.source} ({k.align})" if label == runs[panel][0][0] else None)
         ax.axhline(1.0, color="gray", ls=":", lw=1)
         ax.set_yscale("log")
         plain_log_ticks(ax)
@@ -402,9 +396,9 @@ def final_coupling_figure(final: Mapping[str, Any], title: str = "Coupling of th
         for stream, r in per.items():
             if not isinstance(r, Mapping):
                 continue
-            src = stream.split("/")[0]
-            c = SOURCE_COLORS.get(src, "tab:purple")
-            name = f"{stream}" + (f" ({op})" if multi and not stream.startswith("task_gradient/") else "")
+            own = stream == stream_name("task_gradient", op)  # streams: update, gradient, the op's own task_gradient
+            c = SOURCE_COLORS.get("task_gradient" if own else stream, "tab:purple")
+            name = f"{stream}" + (f" ({op})" if multi and not own else "")
             for j, v in enumerate(r["R"], 1):
                 labels.append(f"{name}\nR{j}")
                 values.append(v if v > 0 else None)

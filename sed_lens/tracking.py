@@ -28,9 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from sed_lens.configs import WANDB_MODES
 from sed_lens.errors import SedLensError, check
-
-WANDB_MODES = ("offline", "online", "disabled")
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -35,9 +35,16 @@ from transformer_lens import HookedTransformer
 from sed_lens.configs import TrainConfig  # torch-free, so that CLIs parse flags before importing torch
 from sed_lens.devices import model_device
 from sed_lens.errors import SedLensError, check
-from sed_lens.models import get_readout, op_losses, split_logits
+from sed_lens.models import get_readout, has_readout, op_losses, split_logits
+from sed_lens.serialization import UnsafeFileError, plain
+from sed_lens.serialization import load as load_file
 from sed_lens.tasks import ModularArithmetic
 from sed_lens.tracking import Run, atomic_write_bytes
+
+# /2: every value loads with torch.load(weights_only=True) (the NumPy sampler state as a tensor, not an array);
+# /1 (sed_lens ≤ 0.1.0) is still read, see sed_lens.serialization.load.
+CHECKPOINT_FORMAT = "sed_lens.checkpoint/2"
+CHECKPOINT_FORMATS = ("sed_lens.checkpoint/1", CHECKPOINT_FORMAT)
 
 
 class Callback:
@@ -162,7 +169,7 @@ class Trainer:
             readout.index(op)  # raises if the model has no head for op
         # A model with sed_lens readout metadata was built for one modulus; a bare HookedTransformer's outputs
         # (all of d_vocab_out) must at least hold every label.
-        exact = getattr(model, "sed_readout", None) is not None
+        exact = has_readout(model)
         check(readout.n_classes == task.p if exact else readout.n_classes >= task.p,
               f"the model predicts {readout.n_classes} classes per op but the task has p={task.p}; "
               f"build the model for this task (build_model(preset, task)).")
@@ -317,13 +324,13 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue training bit-identically."""
         return {
-            "format": "sed_lens.checkpoint/1",
+            "format": CHECKPOINT_FORMAT,
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "sampler": self.sampler.get_state(),
+            "sampler": _numpy_rng_state(self.sampler),
             "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
+            "python_rng": _python_rng_state(),
             "trainer": {"loss": self.loss, "grad_norm": self.grad_norm, "grok_step": self.grok_step,
                         "patience": self.patience, "stopped_early": self.stopped_early,
                         "stop_step": self.stop_step, "cross_step": self.cross_step,
@@ -336,7 +343,7 @@ class Trainer:
         """Write :meth:`state_dict` atomically (temporary file + rename) to ``path``."""
         t0 = time.perf_counter()
         buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
+        torch.save(plain(self.state_dict()), buf)
         try:
             atomic_write_bytes(Path(path), buf.getvalue())
         except OSError as e:
@@ -350,8 +357,10 @@ class Trainer:
         path = Path(path)
         check(path.is_file(), f"checkpoint {path} does not exist.")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            check(isinstance(state, dict) and state.get("format") == "sed_lens.checkpoint/1", "not a checkpoint")
+            state = load_file(path, map_location="cpu")
+            check(isinstance(state, dict) and state.get("format") in CHECKPOINT_FORMATS, "not a checkpoint")
+        except UnsafeFileError:
+            raise
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
             raise SedLensError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}); "
                                "it cannot be resumed.") from None
@@ -360,9 +369,9 @@ class Trainer:
               f"but this trainer has {len(self.callbacks)}.")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.set_state(state["sampler"])
+        _set_numpy_rng_state(self.sampler, state["sampler"])
         torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
+        _set_python_rng_state(state["python_rng"])
         t = state["trainer"]
         self.step = state["step"]
         self.loss, self.grad_norm = t["loss"], t["grad_norm"]
@@ -371,6 +380,32 @@ class Trainer:
         self.wall_time, self.history = t["wall_time"], list(t["history"])
         for cb, s in zip(self.callbacks, state["callbacks"], strict=True):
             cb.load_state_dict(s)
+
+
+def _numpy_rng_state(rng: np.random.RandomState) -> dict[str, Any]:
+    """A ``RandomState``'s state as plain data: the Mersenne Twister key as an int64 tensor."""
+    name, key, pos, has_gauss, gauss = rng.get_state(legacy=True)
+    return {"bit_generator": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _set_numpy_rng_state(rng: np.random.RandomState, state: Any) -> None:
+    """Restore :func:`_numpy_rng_state` (or the raw ``get_state()`` tuple of a ``sed_lens.checkpoint/1``)."""
+    if isinstance(state, dict):
+        key = state["key"].cpu().numpy().astype(np.uint32)
+        state = (state["bit_generator"], key, state["pos"], state["has_gauss"], state["gauss"])
+    rng.set_state(state)
+
+
+def _python_rng_state() -> list[Any]:
+    """``random.getstate()`` as lists: ``[version, [624 words + position], gauss_next]``."""
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_rng_state(state: Sequence[Any]) -> None:
+    version, internal, gauss = state
+    random.setstate((version, tuple(internal), gauss))
 
 
 def _min_test_acc(row: dict[str, Any], task: ModularArithmetic) -> float:

@@ -107,7 +107,7 @@ def test_capture_logs_spectra_and_saves_bases(tmp_path, tiny_task):
     for key in ("sed/update/sigma_1", "sed/update/sigma_3", "sed/gradient/gap_2", "sed/gradient/overlap",
                 "sed/update/rank_deficient"):
         assert key in row
-    saved = torch.load(tmp_path / "r" / "sed_bases.pt", weights_only=False)
+    saved = torch.load(tmp_path / "r" / "sed_bases.pt", weights_only=True)
     assert saved["subspace"][0]["name"] == "blocks.0.attn.W_Q" and saved["step"] == 20
     assert saved["bases"]["gradient"]["directions"].shape == (2, 131_072)
 

@@ -7,7 +7,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from sed_lens.analysis.centroids import centroids
 from sed_lens.analysis.coupling import centroid_response, coupling, perturbation_scale
 from sed_lens.errors import SedLensError
-from sed_lens.models import build_model, set_readout
+from sed_lens.models import build_model, get_readout, set_readout
 from sed_lens.subspace import ParamSubspace
 from sed_lens.tasks import ModularArithmetic
 
@@ -75,7 +75,7 @@ def fd_by_hand(model, S, v, x, y, op, eps):
         m = copy.deepcopy(model)
         S2 = ParamSubspace.attention(m)
         S2.set_weights(S2.weights() + sign * eps * v)
-        sl = m.sed_readout.slice(op)
+        sl = get_readout(m).slice(op)  # the readout survives the deep copy
         out.append(embedding_gradient(m, x, lambda lg, sl=sl: lg[:, 0, sl].gather(1, y[op][:, None]).squeeze(1)))
     d = (out[0].double() - out[1].double()) / (2 * eps)
     return float((d**2).sum((1, 2)).mean())

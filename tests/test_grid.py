@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sed_lens.errors import SedLensError
+from sed_lens.experiments.grokking import TRACKING_KEYS
 from sed_lens.grid import Cell, is_complete, raise_failures, run_grid
 
 TARGET = "sed_lens.experiments.grokking:grid_cell"
@@ -37,8 +38,11 @@ def test_local_grid_runs_cells_skips_complete_ones_and_reruns_interrupted(tmp_pa
     assert json.loads((tmp_path / "s0" / "cell.json").read_text())["config"]["p"] == 7
     changed = run_grid([cell("s0", 0, p=11)], tmp_path, workers=1, progress=False, changed="rerun")
     assert not changed[0].skipped  # same name, another config, asked for: run again
-    relogged = run_grid([cell("s0", 0, p=11, wandb_mode="offline")], tmp_path, workers=1, progress=False)
-    assert relogged[0].skipped  # only where it logs changed: the run is the same
+    with pytest.raises(SedLensError, match="finished run with other settings"):  # the grid knows no tracking keys
+        run_grid([cell("s0", 0, p=11, wandb_mode="offline")], tmp_path, workers=1, progress=False)
+    relogged = run_grid([cell("s0", 0, p=11, wandb_mode="offline")], tmp_path, workers=1, progress=False,
+                        ignore_keys=TRACKING_KEYS)
+    assert relogged[0].skipped  # only where it logs changed (the caller's tracking keys): the run is the same
 
 
 def test_process_pool_gives_the_same_results_as_in_process(tmp_path):

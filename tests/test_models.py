@@ -8,7 +8,9 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from sed_lens.errors import SedLensError
 from sed_lens.models import (
     PRESETS,
+    PresetInfo,
     build_model,
+    get_preset_info,
     get_readout,
     op_losses,
     readout_logits,
@@ -29,7 +31,7 @@ def test_xu2026_preset_matches_the_paper():
     assert c.act_fn == "gelu" and c.normalization_type == "LN" and c.attention_dir == "bidirectional"
     assert (c.n_ctx, c.d_vocab, c.d_vocab_out) == (2, 97, 97)
     assert get_readout(m).position == 0
-    assert m.sed_preset["init"] == "torch"
+    assert get_preset_info(m) == PresetInfo("xu2026", "torch", 0)
 
 
 def test_nanda2023_preset():

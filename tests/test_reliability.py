@@ -40,8 +40,8 @@ def test_same_config_and_seed_give_identical_metrics_and_sed_directions(tmp_path
     for name in ("a", "b"):
         assert cli([*FLAGS, "--steps", "40", "--run-dir", str(tmp_path / name)]) == 0
     assert rows_without_timing(tmp_path / "a" / "metrics.jsonl") == rows_without_timing(tmp_path / "b" / "metrics.jsonl")
-    a = torch.load(tmp_path / "a" / "sed_bases.pt", weights_only=False)["bases"]
-    b = torch.load(tmp_path / "b" / "sed_bases.pt", weights_only=False)["bases"]
+    a = torch.load(tmp_path / "a" / "sed_bases.pt", weights_only=True)["bases"]
+    b = torch.load(tmp_path / "b" / "sed_bases.pt", weights_only=True)["bases"]
     assert set(a) == {"update", "gradient"}
     for k in a:
         assert torch.equal(a[k]["directions"], b[k]["directions"])
@@ -76,14 +76,14 @@ def run_until_killed(run_dir: Path, min_step: int | None, timeout: float = 300.0
 def test_killed_runs_resume_to_identical_final_metrics(tmp_path):
     assert cli([*FLAGS, "--run-dir", str(tmp_path / "whole")]) == 0
     whole = rows_without_timing(tmp_path / "whole" / "metrics.jsonl")
-    bases = torch.load(tmp_path / "whole" / "sed_bases.pt", weights_only=False)["bases"]
+    bases = torch.load(tmp_path / "whole" / "sed_bases.pt", weights_only=True)["bases"]
     for i, kill_at in enumerate((None, 30, 85)):  # before the first checkpoint, after the first, mid-run
         rd = tmp_path / f"killed{i}"
         run_until_killed(rd, kill_at)
         assert not (rd / "summary.json").exists()
         assert cli(["--resume", str(rd)]) == 0
         assert rows_without_timing(rd / "metrics.jsonl") == whole, kill_at
-        again = torch.load(rd / "sed_bases.pt", weights_only=False)["bases"]
+        again = torch.load(rd / "sed_bases.pt", weights_only=True)["bases"]
         for k in bases:
             assert torch.equal(again[k]["directions"], bases[k]["directions"])
         assert json.loads((rd / "summary.json").read_text())["final"] == \
@@ -159,7 +159,7 @@ def test_nan_stops_the_cli_with_one_line_and_keeps_the_checkpoint(tmp_path, caps
     assert cli([*FLAGS, "--steps", "60", "--run-dir", str(rd)]) == 2
     err = capsys.readouterr().err
     assert "diverged at step 26" in err and err.count("\n") == 1
-    state = torch.load(rd / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(rd / "checkpoints" / "last.pt", weights_only=True)
     params = {k: v for k, v in state["model"].items() if not k.endswith(("IGNORE", "mask"))}
     assert state["step"] == 20 and all(torch.isfinite(v).all() for v in params.values())
 
@@ -193,7 +193,7 @@ def test_sigterm_checkpoints_prints_the_resume_command_and_the_run_resumes(tmp_p
     m = re.search(r"interrupted by SIGTERM at step (\d+); checkpoint (\S+) — resume with: (.+)$", err.strip())
     assert m, err
     step, ckpt = int(m[1]), Path(m[2])
-    assert ckpt == rd / "checkpoints" / "last.pt" and torch.load(ckpt, weights_only=False)["step"] == step
+    assert ckpt == rd / "checkpoints" / "last.pt" and torch.load(ckpt, weights_only=True)["step"] == step
     assert m[3] == f"python -m sed_lens.experiments.grokking --resume {rd}"
     assert cli(["--resume", str(rd), "--steps", str(step + 7)]) == 0
     assert json.loads((rd / "summary.json").read_text())["steps"] == step + 7
@@ -215,7 +215,7 @@ def test_sigint_in_process_checkpoints_at_the_current_step(tmp_path, tiny_task):
         with pytest.raises(TrainingInterrupted) as e:
             t.fit()
     assert e.value.step == 7 and e.value.exit_code == 130 and e.value.checkpoint == t.checkpoint_path
-    assert torch.load(t.checkpoint_path, weights_only=False)["step"] == 7
+    assert torch.load(t.checkpoint_path, weights_only=True)["step"] == 7
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
 
 

@@ -1,18 +1,24 @@
 """Reports (HTML, Markdown, W&B Report object) of grokking, coupling and intervention directories; the SED plot."""
 
+import ast
 import base64
 import json
 import re
 import shutil
+import sys
+import types
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 from cli_helpers import call_main
 
-from sed_lens import plots, report
+from sed_lens import plots, rendering, report
 from sed_lens.cli import run_cli
 from sed_lens.errors import SedLensError
 from sed_lens.experiments import coupling as coupling_exp
-from sed_lens.experiments import grokking
+from sed_lens.experiments import grokking, reproduction_report
+from sed_lens.experiments import intervention as intervention_exp
 
 IMG = '<img src="data:image/png;base64,'
 REMOTE = re.compile(r"""(?:src|href|action)\s*=\s*["']?\s*(?:[a-z]+:)?//|url\(|@import|<script|<link|<iframe""", re.I)
@@ -33,10 +39,14 @@ def runs(tmp_path_factory):
                                        "--wandb-mode", "disabled", "--no-progress", "--workers", "1"]) == 0
     i = root / "intervention"
     i.mkdir()
-    (i / "intervention.json").write_text(json.dumps({"config": {"op": "add", "seeds": [1, 2], "method": "gradient"},
-                                                     "conditions": {"A": {"mean": 30.0}}}))
-    (i / "intervention.md").write_text("# Intervention\n\nGrok step per condition.\n\n"
-                                       "| condition | grok step | paper |\n|---|---|---|\n| A control | 30 | 3358 |\n")
+    cfg = intervention_exp.InterventionConfig(op="add", seeds=(1, 2), conditions=("A", "C"))
+    iv_runs = [{"condition": c, "seed": s, "grok_step": g, "steps": 40, "run_dir": str(i / f"{c}-s{s}"),
+                "curve": {"step": [0, 20, 40], "test_acc": [0.1, 0.5, 1.0]}}
+               for c, s, g in (("A", 1, 30), ("A", 2, 30), ("C", 1, 15), ("C", 2, 10))]
+    result = {"config": asdict(cfg), "warmup": 20, "runs": iv_runs, "paper": {},
+              "conditions": intervention_exp.aggregate(iv_runs, cfg.conditions)}
+    (i / "intervention.json").write_text(json.dumps(result))
+    (i / "intervention.md").write_text(intervention_exp.result_markdown(result))
     plots.ablation([1, 2], [3.0, 4.0], i / "accuracy.png", "step", "accuracy")
     plots.ablation([1, 2], [5.0, 6.0], i / "speedup.png", "condition", "speedup")
     return {"grok": g, "coupling": c, "cell": c / "cells" / "add-s1", "intervention": i}
@@ -65,7 +75,8 @@ def test_html_report_embeds_every_figure_and_the_summary_tables_with_no_remote_r
     assert "<th>σ1/σ2</th>" in page  # SED spectrum table of the grokking run
     cell = json.loads((runs["cell"] / "coupling.json").read_text())["summary"]["add"]["gradient/leading"]
     assert f"<td>{report.fmt(cell['peak_R_mean'])}</td>" in page and "peak R̄ 100–330" in page
-    assert "<td>A control</td><td>30</td><td>3358</td>" in page  # the intervention's own Markdown table
+    assert ("<td>A control</td><td>30 ± 0 (30–30)</td><td>1.00× (1.00–1.00)</td><td>3358</td><td>1.00×</td>" in page
+            and "<td>C keep SED</td><td>12 ± 4 (10–15)</td><td>2.40× (2.00–3.00)</td><td>1525</td>" in page)
     assert page.count("<details>") >= 4  # every section shows its configuration
 
 
@@ -214,36 +225,71 @@ def test_a_new_kind_of_directory_is_one_function(tmp_path):
         report.KINDS[:] = [k for k in report.KINDS if k.name != "custom"]
 
 
-def test_markdown_blocks_parse_headings_tables_and_paragraphs():
-    blocks = report.markdown_blocks("# Title\n\nSome text\ncontinued.\n\n| a | b |\n|---|:-:|\n| 1 | 2 |\n\n![f](f.png)\n")
-    assert blocks == [report.Heading("Title", 2), report.Text("Some text continued."),
-                      report.Table(["a", "b"], [["1", "2"]])]
+def test_list_items_and_inline_markup_become_html_and_code_is_shown_as_it_is():
+    assert rendering.html_block(rendering.Text("- **one** item")) == "<ul><li><strong>one</strong> item</li></ul>"
+    assert rendering.inline_html("**b** *i* `c<d` 2*3*4 a*b") == "<strong>b</strong> <em>i</em> <code>c&lt;d</code> 2*3*4 a*b"
+    code = rendering.Code("| a |\n```x```\n", "notes.md")
+    assert rendering.html_block(code) == '<p class="meta">notes.md</p><pre><code>| a |\n```x```</code></pre>'
+    assert rendering.render_markdown_blocks([code], None) == "**notes.md**\n\n````\n| a |\n```x```\n````"
 
 
-def test_markdown_list_items_are_paragraphs_and_inline_markup_becomes_html():
-    blocks = report.markdown_blocks("- **one** item\n- two `x<y`\nmore\n")
-    assert blocks == [report.Text("- **one** item"), report.Text("- two `x<y` more")]
-    assert report.inline_html("**b** *i* `c<d` 2*3*4 a*b") == "<strong>b</strong> <em>i</em> <code>c&lt;d</code> 2*3*4 a*b"
+def test_report_imports_no_experiment_and_a_new_experiment_needs_no_edit_of_it(tmp_path, monkeypatch):
+    tree = ast.parse(Path(report.__file__).read_text())
+    imported = {n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
+                if isinstance(n, ast.Import | ast.ImportFrom) for a in n.names}
+    assert not any(m and m.startswith("sed_lens.experiments") for m in imported), imported
+    toy = types.ModuleType("sed_lens.experiments.toy")
+    toy.detects = lambda d: (d / "toy.json").is_file()
+    toy.report_section = lambda d, figure_dir: rendering.Section(
+        "Toy", "toy", d, [rendering.Table(["answer"], [[str(report.load_json(d / "toy.json")["answer"])]])],
+        rendering.Panels())
+    monkeypatch.setitem(sys.modules, "sed_lens.experiments.toy", toy)
+    d = tmp_path / "toy"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"experiment": "toy"}))
+    (d / "toy.json").write_text(json.dumps({"answer": 42}))
+    other = tmp_path / "other"  # an experiment sed_lens does not know: the generic section, its files as they are
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"experiment": "elsewhere", "lr": 0.5}))
+    (other / "notes.md").write_text("| not | parsed |\n")
+    res = report.build_report([d, other], tmp_path / "rep")
+    assert [s.kind for s in res.sections] == ["toy", "elsewhere"]
+    page = res.html.read_text()
+    assert "<td>42</td>" in page and "<pre><code>| not | parsed |</code></pre>" in page and "<td>0.5</td>" in page
 
 
-def test_a_reproduction_directory_is_reported_with_its_tables_claims_and_figures(tmp_path):
-    d = tmp_path / "repro"
-    (d / "coupling").mkdir(parents=True)
-    fig, ax = plots.new_figure("t", "x", "y")
-    ax.plot([0, 1], [1, 2])
-    plots.save_figure(fig, d / "coupling" / "fig.png")
-    (d / "reproduction.json").write_text(json.dumps({"claims": {}}))
-    (d / "REPRODUCTION.md").write_text(
-        "# Reproducing Xu (2026) with sed_lens\n\n## Headline\n\n| row | paper | ours |\n|---|---|---|\n"
-        "| gradient R̄ | 100–330 | **112** |\n\n- **Claim** holds.\n- Another.\n\n## Figures\n\n"
-        "![coupling_single](coupling/fig.png)\n![gone](coupling/missing.png)\n")
-    res = report.build_report([d], tmp_path / "rep")
+def test_a_reproduction_directory_is_reported_from_its_results_not_its_markdown(tmp_path):
+    from test_reproduction_report import coupling_cell, intervention_cell
+
+    out = tmp_path / "repro"
+    kept = out / "results"
+    cells = {"coupling/cells/add-s42": coupling_cell("add", 42, 120.0, 8.0, 260.0),
+             "intervention/add-gradient/A-s42": intervention_cell("add", 42, "A", "gradient", 3000),
+             "intervention/add-gradient/C-s42": intervention_cell("add", 42, "C", "gradient", 1000)}
+    for name, data in cells.items():
+        (kept / name).parent.mkdir(parents=True, exist_ok=True)
+        (kept / f"{name}.json").write_text(json.dumps(data))
+    meta = {"source": str(kept), "report": str(out / "REPRODUCTION.md")}
+    md, _ = reproduction_report.write_report(kept, out / "REPRODUCTION.md", meta)
+    (out / "reproduction.json").write_text(json.dumps({"meta": meta, "report": [str(md)], "claims": {}}))
+    text = md.read_text()
+    md.write_text("# Not read\n")  # the section is built from the results, not from the Markdown
+    res = report.build_report([out], tmp_path / "rep")
     sec = res.sections[0]
     assert sec.kind == "reproduction" and sec.title == "Reproducing Xu (2026) with sed_lens"
-    assert [b.caption for b in sec.blocks if isinstance(b, report.Figure)] == ["coupling_single"]
+    linked = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    figs = [b for b in sec.blocks if isinstance(b, rendering.Figure)]
+    assert len(linked) == 2 and [f.path.resolve() for f in figs] == [(out / link).resolve() for link in linked]
+    ref = lambda f: f.path.resolve().relative_to(out.resolve()).as_posix()
+    assert rendering.render_markdown_blocks(sec.blocks, ref) + "\n" == text.split("\n\n", 1)[1]  # the same report
     page = res.html.read_text()
-    assert "<td><strong>112</strong></td>" in page and "<ul><li><strong>Claim</strong> holds.</li></ul>" in page
-    assert page.count("data:image/png;base64,") == 1
+    assert "single-task gradient-SED peak R̄, exact" in page and "<ul><li><strong>" in page
+    assert page.count(IMG) == len(linked)
+    shutil.rmtree(out / "reproduction")  # figures the directory lacks are drawn from the results
+    again = report.build_report([out], tmp_path / "rep2").sections[0]
+    redrawn = [b for b in again.blocks if isinstance(b, rendering.Figure)]
+    assert len(redrawn) == 2 and all(f.caption.endswith("(regenerated from the results)") and
+                                     f.path.is_relative_to(tmp_path / "rep2" / "figures") for f in redrawn)
 
 
 def test_sed_spectra_plots_every_stream_and_refuses_metrics_without_sed(tmp_path):

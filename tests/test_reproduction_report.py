@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from sed_lens.analysis.scan_key import ScanKey
 from sed_lens.errors import SedLensError
 from sed_lens.experiments.reproduction_report import claim_numbers, differences, headline, write_report
 from sed_lens.experiments.reproduction_results import Spread, load_results, speedups
 
 ROOT = Path(__file__).resolve().parents[1]
+GRADIENT = ScanKey("gradient", "leading")
 
 
 def scan(peaks, phases=(100, 1000), steps=(0, 500, 1000, 1500), fd=None):
@@ -74,9 +76,9 @@ def test_results_are_typed_from_their_configs_not_their_names(results_dir):
     res = load_results(results_dir)
     assert res.ops == ["add", "mul"] and res.seeds == [42, 137]
     add42 = next(r for r in res.single("add") if r.seed == 42)
-    assert add42.over_seeds("stop_rule", "add", "gradient/leading").values == pytest.approx((120.0, 132.0, 108.0))
-    assert add42.over_seeds("stop_rule", "add", "gradient/leading").median == pytest.approx(120.0)
-    assert add42.phase_medians("post_grok", "add", "gradient/leading")["post"] == pytest.approx(260.0)
+    assert add42.over_seeds("stop_rule", "add", GRADIENT).values == pytest.approx((120.0, 132.0, 108.0))
+    assert add42.over_seeds("stop_rule", "add", GRADIENT).median == pytest.approx(120.0)
+    assert add42.phase_medians("post_grok", "add", GRADIENT)["post"] == pytest.approx(260.0)
     assert res.intervention_grids() == [("add", "gradient")]
     assert res.worker_s == pytest.approx(3 * 501.0 + 3 * 60.0)
 
@@ -141,7 +143,7 @@ def test_a_run_whose_stop_rule_fired_after_the_post_grok_stretch_is_its_own_post
     (tmp_path / "sq.json").write_text(json.dumps(cell))
     run = load_results(tmp_path).single("sq")[0]
     assert run.lengths == ["stop_rule", "post_grok"]
-    assert run.over_seeds("post_grok", "sq", "gradient/leading").median == pytest.approx(150.0)
+    assert run.over_seeds("post_grok", "sq", GRADIENT).median == pytest.approx(150.0)
     cell["summary"]["train"]["stop_step"] = 2500  # stopped within the stretch and never trained past it
     (tmp_path / "sq.json").write_text(json.dumps(cell))
     assert load_results(tmp_path).single("sq")[0].lengths == ["stop_rule"]

@@ -81,7 +81,7 @@ def test_load_run_rebuilds_config_task_model_snapshots_and_metrics(run):
     r = load_run(d)
     assert isinstance(r.config, GrokkingConfig) and r.config.p == 11 and r.config.train.steps == 40
     assert r.task.p == 11 and r.task.ops == ("add",)
-    state = torch.load(d / "checkpoints" / "last.pt", weights_only=False)["model"]
+    state = torch.load(d / "checkpoints" / "last.pt", weights_only=True)["model"]
     for k, v in r.model.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
     assert r.snapshot_steps == [0, 20, 40]

@@ -314,10 +314,10 @@ def test_coupling_runs_log_every_R_their_figures_bases_and_a_summary_run(tmp_pat
     [art] = [a for a in w.artifacts if a["type"] == "coupling"]
     assert sorted(art["files"]) == ["config.json", "coupling.json", "sed_bases.pt", "summary.json"]  # no artifacts/
     # the SED bases at each key's peak and final snapshot, as measured
-    bases = torch.load(cell / "sed_bases.pt", weights_only=False)
+    bases = torch.load(cell / "sed_bases.pt", weights_only=True)
     s = local["summary"]["add"]["gradient/leading"]
     assert bases["selected"]["add"]["gradient/leading"] == {"peak": s["peak_step"], "final": s["final_step"]}
-    snap = torch.load(cell / "artifacts" / f"snapshot_{s['peak_step']:06d}.pt", weights_only=False)
+    snap = torch.load(cell / "artifacts" / f"snapshot_{s['peak_step']:06d}.pt", weights_only=True)
     assert torch.equal(bases["bases"]["gradient/leading"][s["peak_step"]], snap["directions"]["gradient/leading"])
     # the aggregate's own run: the summary tables beside the paper's, the figures, coupling.json + .md
     [summary_dir] = list((out / "summary").iterdir())

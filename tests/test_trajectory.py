@@ -5,6 +5,7 @@ import pytest
 import torch
 from cli_helpers import call_main
 
+from sed_lens.analysis.scan_key import ScanKey
 from sed_lens.analysis.sed import window_bounds
 from sed_lens.analysis.trajectory import (
     ScanConfig,
@@ -70,13 +71,13 @@ def test_scan_bases_match_numpy_svd_of_the_streams(run, tmp_path):
     updates = [b - a for a, b in zip(weights[:-1], weights[1:], strict=True)]
     for row in out["snapshots"]:
         t = row["index"]
-        art = torch.load(tmp_path / f"snapshot_{row['step']:06d}.pt", weights_only=False)
+        art = torch.load(tmp_path / f"snapshot_{row['step']:06d}.pt", weights_only=True)
         for key, seq, anchor in (("gradient/leading", grads, t), ("gradient/trailing", grads, t),
                                  ("update/leading", updates, t), ("update/trailing", updates, t - 1)):
             if anchor < 0:
                 assert key not in art["directions"]
                 continue
-            lo, hi = window_bounds(anchor, len(seq), 3, key.split("/")[1])
+            lo, hi = window_bounds(anchor, len(seq), 3, ScanKey.parse(key).align)
             vt = np.linalg.svd(torch.stack(seq[lo:hi]).double().numpy(), full_matrices=False)[2][:2]
             got = art["directions"][key].double().numpy()
             r = min(2, hi - lo)

@@ -29,11 +29,13 @@ from sed_lens.devices import model_device
 from sed_lens.errors import SedLensError, check
 from sed_lens.models import get_readout
 
-Readout = str | Tensor | Callable[[Tensor, Tensor], Tensor]
+ReadoutFn = str | Tensor | Callable[[Tensor, Tensor], Tensor]
+"""What a centroid averages per probe: a named readout ("correct_logit", …), a fixed vector over the classes, or
+``f(logits, labels) -> values``. (Not :class:`sed_lens.models.Readout`, which says where a model's logits are.)"""
 
 
 def readout_values(logits: Float[Tensor, "batch n_classes"], labels: Int[Tensor, " batch"] | None,
-                   readout: Readout) -> Float[Tensor, " batch"]:
+                   readout: ReadoutFn) -> Float[Tensor, " batch"]:
     """The scalar readout of each probe's logits."""
     if isinstance(readout, str):
         if readout == "correct_logit":
@@ -77,7 +79,7 @@ class CentroidMap:
 
     def __init__(self, model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
                  labels: Mapping[str, Tensor] | Tensor | None = None, site: str = DEFAULT_SITE,
-                 readout: Readout = "correct_logit", task: str | None = None) -> None:
+                 readout: ReadoutFn = "correct_logit", task: str | None = None) -> None:
         r = get_readout(model)
         check(isinstance(tokens, Tensor) and tokens.ndim == 2, "probe tokens must be a [n_probes, pos] integer tensor.")
         check(int(tokens.min()) >= 0 and int(tokens.max()) < model.cfg.d_vocab,
@@ -127,7 +129,7 @@ class CentroidMap:
 
 def centroids(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
               labels: Mapping[str, Tensor] | Tensor | None = None, site: str = DEFAULT_SITE,
-              readout: Readout = "correct_logit", task: str | None = None,
+              readout: ReadoutFn = "correct_logit", task: str | None = None,
               batch_size: int | None = None) -> Float[Tensor, "batch ..."]:
     """LCH centroids of ``tokens``: ∂ readout(logits at the readout position) / ∂ activation at ``site``.
 

@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from sed_lens.analysis.centroids import DEFAULT_SITE, CentroidMap, Readout
+from sed_lens.analysis.centroids import DEFAULT_SITE, CentroidMap, ReadoutFn
 from sed_lens.configs import METHODS
 from sed_lens.devices import accumulation_dtype, model_device
 from sed_lens.errors import SedLensError, check
@@ -55,7 +55,7 @@ def check_unit_rows(directions: Tensor, what: str = "directions") -> None:
 
 def centroid_response(model: HookedTransformer, subspace: ParamSubspace, directions: Float[Tensor, "n P"],
                       probes: Probes, method: str = "jvp", eps_rel: float = 0.005, site: str = DEFAULT_SITE,
-                      readout: Readout = "correct_logit", task: str | None = None, chunk_size: int = 8,
+                      readout: ReadoutFn = "correct_logit", task: str | None = None, chunk_size: int = 8,
                       probe_batch: int | None = None) -> Float[Tensor, " n"]:
     """A(v) for each row v of ``directions`` (``[n, P]``: unit rows, or zero rows, else a SedLensError), as a
     float32 CPU tensor; the work runs on the model's device.

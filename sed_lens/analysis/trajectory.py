@@ -3,7 +3,7 @@
 Given the model states of a run at every snapshot (every 25 steps in the paper), :func:`scan_coupling`
 
 1. computes the stream vectors at every snapshot — the attention update between consecutive snapshots, the
-   gradient on a fixed batch, and per-op gradients for a multitask model (:func:`~sed_lens.hooks.capture.capture_offline`);
+   gradient on a fixed batch, and per-op gradients for a multitask model (:func:`~sed_lens.analysis.streams.capture_offline`);
 2. picks ``n_snapshots`` evenly spaced snapshots (``linspace(0, N-1, n)`` as the paper's code);
 3. at each, builds the SED bases of every stream for each window alignment — *leading* (the W entries starting
    at the snapshot, clamped at the end: the paper's code) and *trailing* (the W entries known at the snapshot:
@@ -31,10 +31,11 @@ from tqdm import tqdm  # plain tqdm: tqdm.auto warns (TqdmWarning) in Jupyter wi
 from transformer_lens import HookedTransformer
 
 from sed_lens.analysis.coupling import centroid_response, perturbation_scale, ratios
+from sed_lens.analysis.scan_key import RANDOM, ScanKey, parse_keys
 from sed_lens.analysis.sed import SEDBasis, sed_over_sequence, window_bounds
+from sed_lens.analysis.streams import capture_offline, gradient_batch
 from sed_lens.configs import ScanConfig
 from sed_lens.errors import check
-from sed_lens.hooks.capture import capture_offline, gradient_batch
 from sed_lens.models import model_spec
 from sed_lens.subspace import ParamSubspace
 from sed_lens.tasks import ModularArithmetic
@@ -43,13 +44,13 @@ ARTIFACT_FORMAT = "sed_lens.coupling_snapshot/1"
 BASES_FORMAT = "sed_lens.coupling_bases/1"
 
 
-def split_key(key: str) -> tuple[str, str, str]:
-    """A measured key of :func:`scan_coupling` as (stream, alignment, variant):
-    ``"task_gradient/add/leading/W=5"`` → (``"task_gradient/add"``, ``"leading"``, ``"W=5"``); the variant is ""
-    for the main measurement and names an ablation (``W=…``, ``fd_eps=…``) otherwise."""
-    parts = key.split("/")
-    n = 2 if parts[0] == "task_gradient" else 1
-    return "/".join(parts[:n]), parts[n] if len(parts) > n else "", "/".join(parts[n + 1:])
+def stream_key(stream: str, align: str, ops: Sequence[str]) -> ScanKey:
+    """The :class:`ScanKey` of a captured stream (``update``, ``gradient`` or ``task_gradient/OP`` for one of
+    ``ops``) with window alignment ``align``."""
+    keys = {k.stream: k for k in (ScanKey("update", align), ScanKey("gradient", align),
+                                  *(ScanKey("task_gradient", align, op) for op in ops))}
+    check(stream in keys, f"unknown stream {stream!r}; a scan measures {', '.join(keys)}.")
+    return keys[stream]
 
 
 def snapshot_indices(n: int, count: int) -> list[int]:
@@ -77,7 +78,9 @@ def scan_coupling(model: HookedTransformer, task: ModularArithmetic, snapshots: 
                   cfg: ScanConfig | None = None, subspace: ParamSubspace | None = None,
                   artifacts: str | Path | None = None, progress: bool = True,
                   bases_out: dict[str, dict[int, Tensor]] | None = None) -> dict[str, Any]:
-    """Measure SED–LCH coupling along a run (see the module docstring); returns a JSON-able dict.
+    """Measure SED–LCH coupling along a run (see the module docstring); returns a JSON-able dict, whose per-op
+    results and summaries are keyed by what was measured as JSON writes it, ``str(ScanKey)`` (read them typed with
+    :func:`~sed_lens.analysis.scan_key.parse_keys`).
 
     ``snapshots``: ``(step, state_dict)`` pairs in training order (e.g. a :class:`~sed_lens.hooks.snapshots.SnapshotStore`).
     ``artifacts``: a directory for one ``snapshot_XXXXXX.pt`` per measured snapshot (format in docs/coupling.md).
@@ -193,8 +196,9 @@ class TrajectoryScan:
         """The scan of the run's first ``n_snapshots`` snapshots at snapshot indices ``measured``, in the format of
         :func:`scan_coupling`. ``headline_only``: only the first alignment of each source (no ablations; default:
         for analysis seeds other than 0). ``fd_compare``: also the paper's finite difference (ε_rel of the config)
-        on every key of the first alignment, as ``KEY/fd_eps=ε`` (default: the config's ``fd_compare`` for
-        analysis seed 0). ``phases``: ``{op: (start, end)}`` (:func:`phase_bounds`) adds phase medians."""
+        on every key of the first alignment, as that key's ``fd_eps`` variant (default: the config's ``fd_compare``
+        for analysis seed 0). ``phases``: ``{op: (start, end)}`` (:func:`phase_bounds`) adds phase medians.
+        ``bases_out`` is filled as the ``bases`` of ``sed_bases.pt``: keyed by ``str(ScanKey)``."""
         cfg, task, subspace = self.cfg, self.task, self.subspace
         check(2 <= n_snapshots <= len(self.snaps), f"n_snapshots must lie in 2..{len(self.snaps)}, got {n_snapshots}.")
         measured = sorted(set(int(t) for t in measured))
@@ -206,7 +210,7 @@ class TrajectoryScan:
         aligns = cfg.aligns[:1] if headline_only else cfg.aligns
         main_align = "leading" if "leading" in cfg.aligns else cfg.aligns[0]
         # SED bases per key at the measured snapshots, from the entries of the first n_snapshots snapshots
-        bases: dict[str, dict[int, tuple[SEDBasis, tuple[Any, ...]]]] = {}
+        bases: dict[ScanKey, dict[int, tuple[SEDBasis, tuple[Any, ...]]]] = {}
         for name, vecs in streams.items():
             if name == "gradient" and "gradient" not in self.sources:
                 continue
@@ -215,7 +219,7 @@ class TrajectoryScan:
                 anchors = {t: stream_entry_index(name, t, align) for t in measured}
                 wanted = [a for a in anchors.values() if a is not None]
                 by_entry = sed_over_sequence(vecs[:n_entries], wanted, cfg.window, cfg.k, align)
-                bases[f"{name}/{align}"] = {
+                bases[stream_key(name, align, task.ops)] = {
                     t: (by_entry[a], (name, *window_bounds(a, n_entries, cfg.window, align), cfg.k))
                     for t, a in anchors.items() if a is not None}
         if not headline_only:
@@ -223,11 +227,12 @@ class TrajectoryScan:
                 n_entries = n_snapshots
                 for align in cfg.aligns:
                     by_entry = sed_over_sequence(streams["gradient"][:n_entries], measured, w, 1, align)
-                    bases[f"gradient/{align}/W={w}"] = {
+                    bases[ScanKey("gradient", align, window=w)] = {
                         t: (by_entry[t], ("gradient", *window_bounds(t, n_entries, w, align), 1)) for t in measured}
         self._time("bases", t0)
         if bases_out is not None:
-            bases_out.update({k: {self.steps[t]: b.directions.float() for t, (b, _) in by_t.items()} for k, by_t in bases.items()})
+            bases_out.update({str(k): {self.steps[t]: b.directions.float() for t, (b, _) in by_t.items()}
+                              for k, by_t in bases.items()})
         probes = task.probes(min(cfg.n_probes, len(task.pairs)), cfg.probe_seed + analysis_seed)
         art_dir = Path(artifacts) if artifacts is not None else None
         fd_eps = sorted(set((cfg.ablation_eps if not headline_only else ()) + ((cfg.eps_rel,) if fd_compare else ())))
@@ -240,31 +245,31 @@ class TrajectoryScan:
             keys = [k for k in bases if t in bases[k]]
             row: dict[str, Any] = {"index": t, "step": self.steps[t], "eps": eps, "random_seed": seed, "ops": {}}
             for op in task.ops:
-                op_keys = [k for k in keys if not k.startswith("task_gradient/") or k.startswith(f"task_gradient/{op}/")]
+                op_keys = [k for k in keys if k.source != "task_gradient" or k.op == op]
                 requests = [(bases[k][t][1], bases[k][t][0].directions.float()) for k in op_keys]
                 *A_keys, A_rand = self._respond(t, analysis_seed, op, cfg.method, cfg.eps_rel,
                                                 requests + [(("random", seed), rand)], probes)
-                res: dict[str, Any] = {"random": {"A": A_rand.tolist(), "median": float(A_rand.median())}}
+                res: dict[str, Any] = {RANDOM: {"A": A_rand.tolist(), "median": float(A_rand.median())}}
                 for k, a in zip(op_keys, A_keys, strict=True):
                     b = bases[k][t][0]
                     r = ratios(a, A_rand)
-                    res[k] = {"R": r.tolist(), "R_mean": float(r.mean()), "A": a.tolist(), "rank": b.rank,
+                    res[str(k)] = {"R": r.tolist(), "R_mean": float(r.mean()), "A": a.tolist(), "rank": b.rank,
                               "sigma": b.singular_values[: b.k + 1].tolist()}
-                main_keys = [k for k in op_keys if split_key(k)[1] == main_align and not split_key(k)[2]]
+                main_keys = [k for k in op_keys if k.align == main_align and k.is_main]
                 for e in fd_eps:
                     # the comparison at the config's ε covers every main key; other ε (the ablation) the gradient only
-                    fd_keys = [k for k in main_keys if (fd_compare and e == cfg.eps_rel) or k == f"gradient/{main_align}"]
+                    fd_keys = [k for k in main_keys if (fd_compare and e == cfg.eps_rel) or k == ScanKey("gradient", main_align)]
                     reqs = [(bases[k][t][1], bases[k][t][0].directions.float()) for k in fd_keys]
                     *A_fd, A_fd_rand = self._respond(t, analysis_seed, op, "fd", e, reqs + [(("random", seed), rand)], probes)
                     for k, a in zip(fd_keys, A_fd, strict=True):
                         r = ratios(a, A_fd_rand)
-                        res[f"{k}/fd_eps={e:g}"] = {"R": r.tolist(), "R_mean": float(r.mean()), "A": a.tolist(),
+                        res[str(k.with_fd_eps(e))] = {"R": r.tolist(), "R_mean": float(r.mean()), "A": a.tolist(),
                                                     "median_random": float(A_fd_rand.median())}
                 row["ops"][op] = res
             rows.append(row)
             if art_dir is not None:
                 save_artifact(art_dir, self.model, subspace, t, self.steps[t],
-                              {k: bases[k][t][0].directions.float() for k in keys}, rand, seed, probes, eps, cfg, row)
+                              {str(k): bases[k][t][0].directions.float() for k in keys}, rand, seed, probes, eps, cfg, row)
         return {"config": asdict(cfg), "n_snapshots_total": n_snapshots, "steps_all": self.steps[:n_snapshots],
                 "measured": [self.steps[t] for t in measured], "analysis_seed": analysis_seed, "snapshots": rows,
                 "phases": {op: list(b) for op, b in (phases or {}).items()}, "summary": summarize(rows, task.ops, phases)}
@@ -323,11 +328,14 @@ def summarize(rows: Sequence[dict[str, Any]], ops: Sequence[str],
 def save_artifact(directory: Path, model: HookedTransformer, subspace: ParamSubspace, index: int, step: int,
                   directions: dict[str, Tensor], rand: Tensor, seed: int, probes: tuple[Tensor, Any], eps: float,
                   cfg: ScanConfig, row: dict[str, Any]) -> Path:
-    """Everything needed to recompute the R values of one measured snapshot (see docs/coupling.md)."""
+    """Everything needed to recompute the R values of one measured snapshot (see docs/coupling.md); tensors and
+    plain Python only, so it loads with ``torch.load(..., weights_only=True)``."""
+    from sed_lens.serialization import save
+
     directory.mkdir(parents=True, exist_ok=True)
     tokens, labels = probes
     path = directory / f"snapshot_{step:06d}.pt"
-    torch.save({
+    save({
         "format": ARTIFACT_FORMAT, "step": step, "index": index,
         "model": {"spec": model_spec(model), "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}},
         "subspace": subspace.describe(), "subspace_dim": subspace.dim,
@@ -354,14 +362,17 @@ def save_bases(path: str | Path, bases: dict[str, dict[int, Tensor]], summary: d
     selected: dict[str, dict[str, dict[str, int]]] = {}
     keep: dict[str, dict[int, Tensor]] = {}
     for op, keys in summary.items():
-        for key, s in keys.items():
-            if key not in bases or "/W=" in key:  # finite-difference ablations reuse the main directions
+        for scan_key, s in parse_keys(keys).items():
+            key = str(scan_key)
+            if key not in bases or scan_key.window is not None:  # finite-difference ablations reuse the main directions
                 continue
             selected.setdefault(op, {})[key] = {"peak": s["peak_step"], "final": s["final_step"]}
             for step in (s["peak_step"], s["final_step"]):
                 keep.setdefault(key, {})[step] = bases[key][step]
+    from sed_lens.serialization import save
+
     path = Path(path)
-    torch.save({"format": BASES_FORMAT, "window": cfg.window, "k": cfg.k, "subspace": subspace.describe(),
+    save({"format": BASES_FORMAT, "window": cfg.window, "k": cfg.k, "subspace": subspace.describe(),
                 "subspace_dim": subspace.dim, "selected": selected, "bases": keep}, path)
     return path
 
@@ -373,18 +384,12 @@ def recompute_artifact(path: str | Path, method: str | None = None) -> dict[str,
     seed (and checks their SHA-256), and measures the stored directions on the stored probes with the stored ε,
     site and readout. Returns ``{op: {key: R list}}`` for the keys measured with the artifact's method.
     """
-    from transformer_lens import HookedTransformerConfig
+    from sed_lens.models import model_from_spec
+    from sed_lens.serialization import load
 
-    from sed_lens.models import Readout, new_hooked_transformer
-
-    art = torch.load(path, map_location="cpu", weights_only=False)
+    art = load(path, map_location="cpu")
     check(isinstance(art, dict) and art.get("format") == ARTIFACT_FORMAT, f"{path} is not a sed_lens coupling artifact.")
-    cfg = HookedTransformerConfig(**{k: v for k, v in art["model"]["spec"]["cfg"].items()
-                                     if k in HookedTransformerConfig.__dataclass_fields__ and k not in ("dtype", "device")})
-    model = new_hooked_transformer(cfg)
-    model.load_state_dict(art["model"]["state_dict"])
-    r = art["model"]["spec"]["readout"]
-    model.sed_readout = Readout(r["position"], tuple(r["ops"]), r["n_classes"])  # type: ignore[assignment]
+    model = model_from_spec(art["model"]["spec"], art["model"]["state_dict"])
     subspace = ParamSubspace(model, [(s["name"], s["heads"]) for s in art["subspace"]])
     rand = subspace.random_directions(art["random"]["n"], torch.Generator().manual_seed(art["random"]["seed"]))
     check(tensor_digest(rand) == art["random"]["sha256"], "the regenerated random directions differ from the stored ones.")

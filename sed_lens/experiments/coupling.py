@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,13 +27,35 @@ import numpy as np
 
 # Only torch-free modules at the top: flags are parsed (and --help answered) before torch, TransformerLens or
 # matplotlib are imported; the functions below import what they need when they run.
+from sed_lens.analysis.scan_key import RANDOM, ScanKey, parse_keys
 from sed_lens.cli import config_from_args, config_from_dict, parser_for, run_cli
-from sed_lens.configs import INITS, PRESETS, ScanConfig, TrainConfig
-from sed_lens.devices import DEVICES
+from sed_lens.configs import GridOptions, ModelOptions, ScanConfig, TrackingOptions, TrainConfig, shared
 from sed_lens.errors import check
-from sed_lens.experiments.grokking import GrokkingConfig, build, open_run, train
-from sed_lens.grid import BACKENDS, Cell, raise_failures, run_grid
-from sed_lens.tracking import WANDB_MODES, Run, read_jsonl, to_jsonable, write_json
+from sed_lens.experiments.cell_id import SINGLE, CellId, parse_cells
+from sed_lens.experiments.grokking import TRACKING_KEYS, GrokkingConfig, build, open_run, train
+from sed_lens.grid import Cell, raise_failures, run_grid
+from sed_lens.rendering import (
+    Block,
+    Details,
+    Figure,
+    Heading,
+    LinePanel,
+    Panels,
+    Section,
+    Table,
+    Text,
+    figure,
+    flatten,
+    fmt,
+    json_has,
+    load_json,
+    metric_keys,
+    metric_plots,
+    other_figures,
+    render_markdown_blocks,
+    wandb_ids,
+)
+from sed_lens.tracking import Run, read_jsonl, to_jsonable, write_json
 from sed_lens.tracking import log_summary_run as tracking_summary_run
 
 if TYPE_CHECKING:
@@ -54,8 +76,8 @@ PAPER: dict[str, Any] = {
 }
 
 
-@dataclass
-class CouplingConfig:
+@dataclass(kw_only=True)
+class CouplingConfig(ModelOptions, TrackingOptions, GridOptions):
     """The coupling experiment: which runs, how they train, what is measured, where results go."""
 
     ops: tuple[str, ...] = field(default=("add", "sub", "mul", "sq"), metadata={
@@ -67,10 +89,6 @@ class CouplingConfig:
     eps_ablation: bool = field(default=False, metadata={"help": "finite-difference eps ablation 0.001,0.005,0.05 on the ablation run"})
     ablation_op: str | None = field(default=None, metadata={"help": "op of the ablation run (default: the first op, add)"})
     ablation_seed: int | None = field(default=None, metadata={"help": "seed of the ablation run (default: the first seed, 42)"})
-    p: int = field(default=97, metadata={"help": "modulus"})
-    preset: str = field(default="xu2026", metadata={"help": "model preset", "choices": tuple(PRESETS)})
-    init: str | None = field(default=None, metadata={"help": "initialisation (default: the preset's)", "choices": INITS})
-    train_frac: float = field(default=0.5, metadata={"help": "fraction of pairs for training"})
     every: int = field(default=25, metadata={"help": "snapshot interval (steps)"})
     multitask_snapshots: int = field(default=30, metadata={"help": "measured snapshots of a multitask run"})
     multitask_seeds: tuple[int, ...] | None = field(default=None, metadata={
@@ -86,15 +104,17 @@ class CouplingConfig:
     out: str = field(default="runs/coupling", metadata={"help": "output directory (rerunning skips finished runs)"})
     from_run: str | None = field(default=None, metadata={
         "help": "analyse an existing grokking run directory saved with --snapshot-every instead of training"})
-    backend: str = field(default="local", metadata={"help": "where runs execute", "choices": BACKENDS})
-    workers: int | None = field(default=None, metadata={"help": "parallel runs (default: one per core)"})
-    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local Ray)"})
-    wandb_mode: str = field(default="offline", metadata={"help": "W&B mode", "choices": WANDB_MODES})
-    wandb_project: str = field(default="sed-lens", metadata={"help": "W&B project"})
-    device: str = field(default="auto", metadata={
-        "help": "where every run trains: auto (cuda if available, else mps, else cpu), cpu, cuda or mps",
-        "choices": DEVICES})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def validate(self) -> None:
+        """The pieces' checks (task and model, tracking, grid), the training protocol's and the scan's, then the
+        grid's own. The op names are checked against the registered ops before the grid runs (:func:`check_ops`)."""
+        super().validate()
+        check(len(self.seeds) > 0 and len(self.ops) > 0, "name at least one op and one seed (--ops, --seeds).")
+        check(not self.multitask or len(self.multitask_ops or self.ops) >= 2,
+              "a multitask model needs at least two ops (--multitask-ops or --ops).")
+        check(self.every >= 1, f"the snapshot interval must be at least 1, got {self.every} (--every).")
+        check(self.multitask_snapshots >= 1,
+              f"multitask snapshots must be at least 1, got {self.multitask_snapshots} (--multitask-snapshots).")
 
 
 # --- one run ------------------------------------------------------------------------------------------------
@@ -201,14 +221,12 @@ def log_run(tracker: Run, out: dict[str, Any], figs: dict[str, Path], seed: int)
     step of each measured snapshot), the table of every R (ablations included), the figures, and an artifact with
     coupling.json, the SED bases at the peaks (sed_bases.pt) and the summary — not the per-snapshot artifacts
     (large; kept locally)."""
-    from sed_lens.analysis.trajectory import split_key
-
     tracker.define_metric("coupling/*", "coupling/step")
     for row in out["snapshots"]:
         metrics: dict[str, Any] = {"coupling/step": row["step"]}
         for op, keys in row["ops"].items():
-            for key, res in keys.items():
-                if key != "random" and not split_key(key)[2]:  # ablation variants go to the table only
+            for key, res in parse_keys(keys).items():
+                if key.is_main:  # ablation variants go to the table only
                     metrics[f"coupling/{op}/{key}/R_mean"] = res["R_mean"]
                     metrics[f"coupling/{op}/{key}/R_1"] = res["R"][0]
         tracker.log_wandb(metrics)
@@ -224,40 +242,36 @@ def coupling_table(coupling: dict[str, Any], seed: int) -> tuple[list[str], list
     """Every R of one run's ``coupling.json`` as table rows, one per (snapshot, op, key): op, seed, step, key,
     source, align, variant (ablation), R_1..R_k (None where a key has fewer directions), R̄ and the median
     random response."""
-    from sed_lens.analysis.trajectory import split_key
-
     k = max((len(res["R"]) for row in coupling["snapshots"] for keys in row["ops"].values()
-             for key, res in keys.items() if key != "random"), default=0)
+             for key, res in keys.items() if key != RANDOM), default=0)
     columns = ["op", "seed", "step", "key", "source", "align", "variant", *[f"R_{j + 1}" for j in range(k)],
                "R_mean", "A_random_median"]
     rows: list[list[Any]] = []
     for row in coupling["snapshots"]:
         for op, keys in row["ops"].items():
-            for key, res in keys.items():
-                if key == "random":
-                    continue
+            for key, res in parse_keys(keys).items():
                 R = list(res["R"]) + [None] * (k - len(res["R"]))
-                rows.append([op, seed, row["step"], key, *split_key(key), *R, res["R_mean"], keys["random"]["median"]])
+                rows.append([op, seed, row["step"], str(key), key.stream, key.align, key.variant, *R, res["R_mean"],
+                             keys[RANDOM]["median"]])
     return columns, rows
 
 
-def paper_for(op: str, key: str, seed: int | None, multitask: bool) -> str:
+def paper_for(op: str, key: ScanKey, seed: int | None, multitask: bool) -> str:
     """The paper's number for a key of one run's coupling summary (what it measures, and its value), or "—"."""
-    if "/W=" in key and key.startswith("gradient/leading"):
-        w = int(key.rsplit("=", 1)[1])
-        return f"peak R₁ {PAPER['window'][w]}" if w in PAPER["window"] else "—"
-    if "fd_eps=" in key:
-        e = float(key.rsplit("=", 1)[1])
-        return f"peak R₁ {PAPER['eps'][e]}" if e in PAPER["eps"] else "—"
+    lead = "leading"
+    if key.window is not None and key.main == ScanKey("gradient", lead):
+        return f"peak R₁ {PAPER['window'][key.window]}" if key.window in PAPER["window"] else "—"
+    if key.fd_eps is not None:
+        return f"peak R₁ {PAPER['eps'][key.fd_eps]}" if key.fd_eps in PAPER["eps"] else "—"
     if multitask:
-        if key == f"task_gradient/{op}/leading" and op in PAPER["multitask_per_op"]:
+        if key == ScanKey("task_gradient", lead, op) and op in PAPER["multitask_per_op"]:
             return f"peak R̄ {PAPER['multitask_per_op'][op]}"
-        return f"peak R̄ {PAPER['multitask_update']}" if key == "update/leading" else "—"
-    if key == "gradient/leading":
+        return f"peak R̄ {PAPER['multitask_update']}" if key == ScanKey("update", lead) else "—"
+    if key == ScanKey("gradient", lead):
         if op == "mul" and seed in PAPER["single_gradient_mul"]:
             return f"peak R̄ {PAPER['single_gradient_mul'][seed]}"
         return "peak R̄ 100–330 (range over 4 ops × 3 seeds)"
-    return "R̄ ≈3–9 (add highest)" if key == "update/leading" else "—"
+    return "R̄ ≈3–9 (add highest)" if key == ScanKey("update", lead) else "—"
 
 
 def analyse_existing(cfg: CouplingConfig) -> dict[str, Any]:
@@ -298,9 +312,9 @@ def cells(cfg: CouplingConfig) -> list[Cell]:
     target = "sed_lens.experiments.coupling:coupling_cell"
 
     def gconfig(ops: tuple[str, ...], seed: int) -> dict[str, Any]:
-        g = GrokkingConfig(ops=ops, p=cfg.p, seed=seed, preset=cfg.preset, init=cfg.init, train_frac=cfg.train_frac,
-                           train=cfg.train, wandb_mode=cfg.wandb_mode, wandb_project=cfg.wandb_project, sed=(),
-                           device=cfg.device)
+        # --progress is not handed on (a cell never shows a bar): cell configs stay the same whatever it was.
+        g = GrokkingConfig(ops=ops, seed=seed, train=cfg.train, sed=(), **shared(cfg, ModelOptions),
+                           wandb_mode=cfg.wandb_mode, wandb_project=cfg.wandb_project)
         return asdict(g)
 
     out: list[Cell] = []
@@ -311,20 +325,20 @@ def cells(cfg: CouplingConfig) -> list[Cell]:
                 if op == ab_op and seed == ab_seed:
                     scan = replace(scan, ablation_windows=WINDOWS if cfg.window_ablation else (),
                                    ablation_eps=EPSILONS if cfg.eps_ablation else ())
-                out.append(Cell(f"{op}-s{seed}", target, {"grokking": gconfig((op,), seed), "scan": asdict(scan),
-                                                          "every": cfg.every, "artifacts": cfg.artifacts}))
+                out.append(Cell(CellId.single(op, seed).name, target, {
+                    "grokking": gconfig((op,), seed), "scan": asdict(scan), "every": cfg.every, "artifacts": cfg.artifacts}))
     elif cfg.window_ablation or cfg.eps_ablation:
         scan = replace(cfg.scan, ablation_windows=WINDOWS if cfg.window_ablation else (),
                        ablation_eps=EPSILONS if cfg.eps_ablation else ())
-        out.append(Cell(f"{ab_op}-s{ab_seed}", target, {
+        out.append(Cell(CellId.single(ab_op, ab_seed).name, target, {
             "grokking": gconfig((ab_op,), ab_seed), "scan": asdict(scan), "every": cfg.every,
             "artifacts": cfg.artifacts}))
     if cfg.multitask:
         for seed in cfg.multitask_seeds or cfg.seeds:
             scan = replace(cfg.scan, n_snapshots=cfg.multitask_snapshots)
-            out.append(Cell(f"multitask-s{seed}", target, {"grokking": gconfig(tuple(cfg.multitask_ops or cfg.ops), seed),
-                                                           "scan": asdict(scan), "every": cfg.every,
-                                                           "artifacts": cfg.artifacts}))
+            out.append(Cell(CellId.multitask(seed).name, target, {
+                "grokking": gconfig(tuple(cfg.multitask_ops or cfg.ops), seed), "scan": asdict(scan), "every": cfg.every,
+                "artifacts": cfg.artifacts}))
     return out
 
 
@@ -333,85 +347,97 @@ def _fmt(x: float | None, digits: int = 1) -> str:
 
 
 def tables(cfg: CouplingConfig, results: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    """The Markdown report and the aggregate numbers, ours beside the paper's."""
-    lines: list[str] = ["# SED–LCH coupling", ""]
+    """The Markdown report (the blocks of :func:`table_blocks` under one title) and the aggregate numbers."""
+    blocks, agg = table_blocks(cfg, results)
+    return render_markdown_blocks([Heading("SED–LCH coupling", 1), *blocks], None) + "\n", agg
+
+
+def table_blocks(cfg: CouplingConfig, results: dict[str, dict[str, Any]],
+                 level: int = 2) -> tuple[list[Block], dict[str, Any]]:
+    """The coupling tables, ours beside the paper's, as blocks (headings at ``level``, notes, tables), and the
+    aggregate numbers."""
+    blocks: list[Block] = []
     agg: dict[str, Any] = {"single": {}, "multitask": {}, "window_ablation": {}, "eps_ablation": {}}
     lead, trail = "leading", "trailing"
-    single = {k: v for k, v in results.items() if not k.startswith("multitask")}
+    runs = parse_cells(results)
+    single = {c: v for c, v in runs.items() if c.kind == SINGLE}
     if single:
-        lines += ["## Single task: update SED vs gradient SED",
-                  f"Peak and mean R̄ over {cfg.scan.n_snapshots} evenly spaced snapshots; leading window (paper's code) "
-                  "and trailing (causal). Paper: update-SED R̄ " + PAPER["single_update"] + "; gradient-SED peak R̄ "
-                  + PAPER["single_gradient"] + ", mul per seed 327, 101, 217.", "",
-                  "| op | seed | grok step | update peak R̄ (lead) | update mean R̄ (lead) | gradient peak R̄ (lead) | "
-                  "gradient peak R̄ (trail) | gradient / update (peak, lead) | paper gradient peak |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for name, res in single.items():
-            op, seed = name.rsplit("-s", 1)
-            s = res["coupling"][op]
-            u, g, gt = s.get(f"update/{lead}", {}), s.get(f"gradient/{lead}", {}), s.get(f"gradient/{trail}", {})
+        blocks += [Heading("Single task: update SED vs gradient SED", level),
+                   Text(f"Peak and mean R̄ over {cfg.scan.n_snapshots} evenly spaced snapshots; leading window (paper's "
+                        "code) and trailing (causal). Paper: update-SED R̄ " + PAPER["single_update"] + "; gradient-SED "
+                        "peak R̄ " + PAPER["single_gradient"] + ", mul per seed 327, 101, 217.")]
+        rows: list[list[str]] = []
+        for cell, res in single.items():
+            op = str(cell.op)
+            s = parse_keys(res["coupling"][op])
+            u, g, gt = s.get(ScanKey("update", lead), {}), s.get(ScanKey("gradient", lead), {}), s.get(ScanKey("gradient", trail), {})
             ratio = g.get("peak_R_mean", np.nan) / u.get("peak_R_mean", np.nan) if u else np.nan
-            paper = PAPER["single_gradient_mul"].get(int(seed)) if op == "mul" else None
-            lines.append(f"| {op} | {seed} | {res['train']['grok_step'].get(op)} | {_fmt(u.get('peak_R_mean'))} | "
-                         f"{_fmt(u.get('mean_R_mean'))} | {_fmt(g.get('peak_R_mean'))} | {_fmt(gt.get('peak_R_mean'))} | "
-                         f"{_fmt(ratio)}× | {paper if paper is not None else '100–330 (range)'} |")
-            agg["single"][name] = {"update_peak": u.get("peak_R_mean"), "update_mean": u.get("mean_R_mean"),
+            paper = PAPER["single_gradient_mul"].get(cell.seed) if op == "mul" else None
+            rows.append([op, str(cell.seed), str(res["train"]["grok_step"].get(op)), _fmt(u.get("peak_R_mean")),
+                         _fmt(u.get("mean_R_mean")), _fmt(g.get("peak_R_mean")), _fmt(gt.get("peak_R_mean")),
+                         f"{_fmt(ratio)}×", str(paper) if paper is not None else "100–330 (range)"])
+            agg["single"][cell.name] = {"update_peak": u.get("peak_R_mean"), "update_mean": u.get("mean_R_mean"),
                                    "gradient_peak": g.get("peak_R_mean"), "gradient_peak_trailing": gt.get("peak_R_mean"),
                                    "ratio": ratio}
+        blocks.append(Table(["op", "seed", "grok step", "update peak R̄ (lead)", "update mean R̄ (lead)",
+                             "gradient peak R̄ (lead)", "gradient peak R̄ (trail)", "gradient / update (peak, lead)",
+                             "paper gradient peak"], rows))
         by_op: dict[str, list[dict[str, Any]]] = {}
-        for name, a in agg["single"].items():
-            by_op.setdefault(name.rsplit("-s", 1)[0], []).append(a)
-        lines += ["", "| op | update peak R̄ (mean ± sd over seeds) | gradient peak R̄ (mean ± sd) | ratio (mean) |",
-                  "|---|---|---|---|"]
-        for op, rows in by_op.items():
-            up = np.array([r["update_peak"] for r in rows], float)
-            gp = np.array([r["gradient_peak"] for r in rows], float)
-            lines.append(f"| {op} | {np.nanmean(up):.1f} ± {np.nanstd(up):.1f} | {np.nanmean(gp):.1f} ± {np.nanstd(gp):.1f} | "
-                         f"{np.nanmean(gp / up):.1f}× |")
-        lines.append("")
+        for cell in single:
+            by_op.setdefault(str(cell.op), []).append(agg["single"][cell.name])
+        per_op: list[list[str]] = []
+        for op, op_rows in by_op.items():
+            up = np.array([r["update_peak"] for r in op_rows], float)
+            gp = np.array([r["gradient_peak"] for r in op_rows], float)
+            per_op.append([op, f"{np.nanmean(up):.1f} ± {np.nanstd(up):.1f}", f"{np.nanmean(gp):.1f} ± {np.nanstd(gp):.1f}",
+                           f"{np.nanmean(gp / up):.1f}×"])
+        blocks.append(Table(["op", "update peak R̄ (mean ± sd over seeds)", "gradient peak R̄ (mean ± sd)", "ratio (mean)"],
+                            per_op))
     ab_op, ab_seed = ablation_run(cfg)
-    ab_name = f"{ab_op}-s{ab_seed}"
-    if ab_name in results:
-        s = results[ab_name]["coupling"][ab_op]
-        if any("/W=" in k for k in s):
-            lines += [f"## Window ablation ({ab_op}, seed {ab_seed}): peak R₁ of gradient SED", "",
-                      "| W | ours, leading | ours, trailing | paper |", "|---|---|---|---|"]
+    ab_cell = CellId.single(ab_op, ab_seed)
+    if ab_cell in runs:
+        s = parse_keys(runs[ab_cell]["coupling"][ab_op])
+        if any(k.window is not None for k in s):
+            window_rows: list[list[str]] = []
             for w in WINDOWS:
-                lw, tw = s.get(f"gradient/{lead}/W={w}", {}), s.get(f"gradient/{trail}/W={w}", {})
-                lines.append(f"| {w} | {_fmt(lw.get('peak_R1'))} | {_fmt(tw.get('peak_R1'))} | {PAPER['window'].get(w, '—')} |")
+                lw, tw = s.get(ScanKey("gradient", lead, window=w), {}), s.get(ScanKey("gradient", trail, window=w), {})
+                window_rows.append([str(w), _fmt(lw.get("peak_R1")), _fmt(tw.get("peak_R1")), str(PAPER["window"].get(w, "—"))])
                 agg["window_ablation"][w] = {"leading": lw.get("peak_R1"), "trailing": tw.get("peak_R1")}
-            lines.append("")
-        if any("fd_eps" in k for k in s):
-            lines += [f"## ε ablation ({ab_op}, seed {ab_seed}): peak R₁ of gradient SED (W {cfg.scan.window}, leading)",
-                      "", "| ε_rel | ours (finite difference) | paper |", "|---|---|---|"]
+            blocks += [Heading(f"Window ablation ({ab_op}, seed {ab_seed}): peak R₁ of gradient SED", level),
+                       Table(["W", "ours, leading", "ours, trailing", "paper"], window_rows)]
+        if any(k.fd_eps is not None for k in s):
+            eps_rows: list[list[str]] = []
             for e in EPSILONS:
-                fe = s.get(f"gradient/{lead}/fd_eps={e:g}", {})
-                lines.append(f"| {e:g} | {_fmt(fe.get('peak_R1'))} | {PAPER['eps'].get(e, '—')} |")
+                fe = s.get(ScanKey("gradient", lead, fd_eps=e), {})
+                eps_rows.append([f"{e:g}", _fmt(fe.get("peak_R1")), str(PAPER["eps"].get(e, "—"))])
                 agg["eps_ablation"][e] = fe.get("peak_R1")
-            jv = s.get(f"gradient/{lead}", {}).get("peak_R1")
-            lines += [f"| → 0 (exact JVP) | {_fmt(jv)} | — |", ""]
+            jv = s.get(ScanKey("gradient", lead), {}).get("peak_R1")
+            eps_rows.append(["→ 0 (exact JVP)", _fmt(jv), "—"])
             agg["eps_ablation"]["jvp"] = jv
-    multi = {k: v for k, v in results.items() if k.startswith("multitask")}
+            blocks += [Heading(f"ε ablation ({ab_op}, seed {ab_seed}): peak R₁ of gradient SED (W {cfg.scan.window}, "
+                               "leading)", level),
+                       Table(["ε_rel", "ours (finite difference)", "paper"], eps_rows)]
+    multi = {c: v for c, v in runs.items() if c.is_multitask}
     if multi:
-        lines += ["## Multitask: aggregated vs per-op SED",
-                  f"Peak R̄ over {cfg.multitask_snapshots} snapshots, leading window, each op's own centroids. "
-                  "Paper: aggregated update SED " + PAPER["multitask_update"] + "; per-op gradient SED add 31.5, "
-                  "sub 44.9, mul 23.8, sq 21.8.", "",
-                  "| seed | op | grok step | aggregated update | aggregated gradient | per-op gradient | paper per-op |",
-                  "|---|---|---|---|---|---|---|"]
-        for name, res in multi.items():
-            seed = name.rsplit("-s", 1)[1]
-            for op, s in res["coupling"].items():
-                u, g, t = (s.get(f"update/{lead}", {}), s.get(f"gradient/{lead}", {}),
-                           s.get(f"task_gradient/{op}/{lead}", {}))
-                lines.append(f"| {seed} | {op} | {res['train']['grok_step'].get(op)} | {_fmt(u.get('peak_R_mean'), 2)} | "
-                             f"{_fmt(g.get('peak_R_mean'), 2)} | {_fmt(t.get('peak_R_mean'), 2)} | "
-                             f"{PAPER['multitask_per_op'].get(op, '—')} |")
-                agg["multitask"].setdefault(op, []).append({"seed": int(seed), "update_peak": u.get("peak_R_mean"),
+        blocks += [Heading("Multitask: aggregated vs per-op SED", level),
+                   Text(f"Peak R̄ over {cfg.multitask_snapshots} snapshots, leading window, each op's own centroids. "
+                        "Paper: aggregated update SED " + PAPER["multitask_update"] + "; per-op gradient SED add 31.5, "
+                        "sub 44.9, mul 23.8, sq 21.8.")]
+        multi_rows: list[list[str]] = []
+        for cell, res in multi.items():
+            for op, by_key in res["coupling"].items():
+                s = parse_keys(by_key)
+                u, g, t = (s.get(ScanKey("update", lead), {}), s.get(ScanKey("gradient", lead), {}),
+                           s.get(ScanKey("task_gradient", lead, op), {}))
+                multi_rows.append([str(cell.seed), op, str(res["train"]["grok_step"].get(op)), _fmt(u.get("peak_R_mean"), 2),
+                                   _fmt(g.get("peak_R_mean"), 2), _fmt(t.get("peak_R_mean"), 2),
+                                   str(PAPER["multitask_per_op"].get(op, "—"))])
+                agg["multitask"].setdefault(op, []).append({"seed": cell.seed, "update_peak": u.get("peak_R_mean"),
                                                             "gradient_peak": g.get("peak_R_mean"),
                                                             "per_op_peak": t.get("peak_R_mean")})
-        lines.append("")
-    return "\n".join(lines), agg
+        blocks.append(Table(["seed", "op", "grok step", "aggregated update", "aggregated gradient", "per-op gradient",
+                             "paper per-op"], multi_rows))
+    return blocks, agg
 
 
 def figures(cfg: CouplingConfig, out: Path, couplings: dict[str, dict[str, Any]], agg: dict[str, Any],
@@ -426,20 +452,26 @@ def figures(cfg: CouplingConfig, out: Path, couplings: dict[str, dict[str, Any]]
         kept = reuse / name if reuse is not None else None
         figs.append(kept if kept is not None and kept.is_file() else make(out / name))
 
-    single = {k: v for k, v in couplings.items() if not k.startswith("multitask")}
+    runs = parse_cells(couplings)
+    lead = "leading"
+
+    def multitask_keys(op: str) -> list[ScanKey]:
+        return [ScanKey("update", lead), ScanKey("gradient", lead), ScanKey("task_gradient", lead, op)]
+
+    single = {cell: c for cell, c in runs.items() if cell.kind == SINGLE}
     if single:
         panels: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-        for name, c in single.items():
-            panels.setdefault(name.rsplit("-s", 1)[0], []).append((name, c))
+        for cell, c in single.items():
+            panels.setdefault(str(cell.op), []).append((cell.name, c))
+        single_keys = [ScanKey("update", lead), ScanKey("gradient", lead), ScanKey("gradient", "trailing")]
         draw("coupling_single.png", lambda path: plots.coupling_panels(
-            panels, path, ["update/leading", "gradient/leading", "gradient/trailing"],
-            "Single task: R̄ of update vs gradient SED (seeds overlaid)"))
-    for name, c in couplings.items():
-        if name.startswith("multitask"):
+            panels, path, lambda op: single_keys, "Single task: R̄ of update vs gradient SED (seeds overlaid)"))
+    for cell, c in runs.items():
+        if cell.is_multitask:
+            name = cell.name
             mt_panels = {op: [(name, c)] for op in c["summary"]}
             draw(f"coupling_{name}.png", lambda path, mt_panels=mt_panels, name=name: plots.coupling_panels(
-                mt_panels, path, ["update/leading", "gradient/leading", "task_gradient/{op}/leading"],
-                f"Multitask ({name}): aggregated vs per-op SED"))
+                mt_panels, path, multitask_keys, f"Multitask ({name}): aggregated vs per-op SED"))
     if agg["window_ablation"]:
         ws = sorted(agg["window_ablation"])
         draw("window_ablation.png", lambda path: plots.ablation(
@@ -459,10 +491,10 @@ def aggregate_tables(agg: dict[str, Any]) -> dict[str, tuple[list[str], list[lis
     out: dict[str, tuple[list[str], list[list[Any]]]] = {}
     if agg["single"]:
         rows = []
-        for name, a in agg["single"].items():
-            op, seed = name.rsplit("-s", 1)
-            paper = PAPER["single_gradient_mul"].get(int(seed)) if op == "mul" else None
-            rows.append([name, op, int(seed), a["update_peak"], a["update_mean"], a["gradient_peak"],
+        for cell, a in parse_cells(agg["single"]).items():  # keyed by run name: agg is the aggregate's JSON
+            op, seed = cell.op, cell.seed
+            paper = PAPER["single_gradient_mul"].get(seed) if op == "mul" else None
+            rows.append([cell.name, op, seed, a["update_peak"], a["update_mean"], a["gradient_peak"],
                          a["gradient_peak_trailing"], a["ratio"], str(paper) if paper is not None else "100–330"])
         out["single"] = (["run", "op", "seed", "update_peak_R_mean", "update_mean_R_mean", "gradient_peak_R_mean",
                           "gradient_peak_R_mean_trailing", "gradient_over_update", "paper_gradient_peak"], rows)
@@ -493,26 +525,114 @@ def log_summary_run(cfg: CouplingConfig, out: Path, agg: dict[str, Any], figs: S
                                 files=[out / "coupling.json", out / "coupling.md"], summary={"runs": sorted(runs)})
 
 
-def validate(cfg: CouplingConfig) -> None:
+# --- the report section -------------------------------------------------------------------------------------
+def _is_output_dir(run_dir: Path) -> bool:
+    return json_has(run_dir / "coupling.json", "aggregate") and (run_dir / "cells").is_dir()
+
+
+def detects(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is this experiment's OUT (coupling.json with the aggregate, and cells/) or one coupling
+    run (a coupling.json with its snapshots)."""
+    return _is_output_dir(run_dir) or json_has(run_dir / "coupling.json", "snapshots")
+
+
+def report_section(run_dir: Path, figure_dir: Path) -> Section:
+    """The report section of an OUT (:func:`output_section`) or of one coupling run (:func:`run_section`); figures
+    the directory lacks are regenerated into ``figure_dir``."""
+    return output_section(run_dir, figure_dir) if _is_output_dir(run_dir) else run_section(run_dir, figure_dir)
+
+
+def coupling_plots(ops_keys: dict[str, Sequence[str]]) -> list[LinePanel]:
+    """Per op, R̄ of its SED streams over the training step of the measured snapshots (as coupling runs log it)."""
+    from sed_lens.analysis.scan_key import ScanKey
+
+    return [LinePanel(f"coupling R̄, {op}", [f"coupling/{op}/{k}/R_mean" for k in keys if ScanKey.parse(k).is_main],
+                      log_y=True, x="coupling/step") for op, keys in ops_keys.items()]
+
+
+def output_section(run_dir: Path, figure_dir: Path) -> Section:
+    """The experiment's OUT: the tables of coupling.md (ours beside the paper's, recomputed from coupling.json), the
+    aggregate figures, and the runs."""
+    data = load_json(run_dir / "coupling.json")
+    cfg = config_from_dict(CouplingConfig, data["config"])
+    runs: dict[str, Any] = data["runs"]
+    table, agg = table_blocks(cfg, runs, level=3)
+    blocks: list[Block] = [Text(f"{len(runs)} run{'' if len(runs) == 1 else 's'} under {run_dir / 'cells'}, each a run "
+                                "directory of its own (pass one to the report for its R̄ trajectories)."), *table]
+    cells = [run_dir / "cells" / name for name in runs]
+    blocks.append(Heading("Runs"))
+    blocks.append(Table(["run", "grok step", "steps", "measured snapshots", "directory"],
+                        [[name, ", ".join(f"{op} {fmt(g)}" for op, g in res["train"]["grok_step"].items()),
+                          fmt(res["train"]["steps"]), fmt(len(res.get("measured", []))), str(run_dir / "cells" / name)]
+                         for name, res in runs.items()]))
+    couplings = {c.name: load_json(c / "coupling.json") for c in cells if (c / "coupling.json").is_file()}
+    figs = [Figure(p, p.stem.replace("_", " ") + ("" if p.parent == run_dir else " (regenerated from the runs' data)"))
+            for p in figures(cfg, figure_dir, couplings, agg, reuse=run_dir)]
+    blocks += figs + other_figures(run_dir, figs)
+    blocks.append(Details("configuration", flatten(data["config"])))
+    summaries = sorted((run_dir / "summary").glob("*/run.json"))
+    panels = Panels(run_ids=wandb_ids(*cells, *(p.parent for p in summaries[-1:])),
+                    line_plots=metric_plots(metric_keys(*(c / "metrics.jsonl" for c in cells))) + coupling_plots(
+                        {op: sorted({k for c in couplings.values() for k in c["summary"].get(op, {})})
+                         for op in sorted({op for c in couplings.values() for op in c["summary"]})}),
+                    tables=[f"coupling/summary/{n}" for n, v in agg.items() if v] + ["coupling/R"],
+                    images=[f"figures/{f.path.stem}" for f in figs if f.path.parent == run_dir])
+    return Section(f"SED–LCH coupling: {run_dir.name}", "coupling", run_dir, blocks, panels)
+
+
+def run_section(run_dir: Path, figure_dir: Path) -> Section:
+    """One coupling run: peak / final R̄ of every SED stream per op beside the paper, the R̄ trajectories."""
+    from sed_lens import plots  # here, not at the top: `--help` stays fast
+
+    coupling = load_json(run_dir / "coupling.json")
+    config = load_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {"scan": coupling["config"]}
+    summary = load_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    history = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    ops = list(coupling["summary"])
+    seed = config.get("grokking", {}).get("seed")
+    blocks: list[Block] = [Text(f"Coupling R̄ = mean of R_1..R_k (A(SED direction) / median A(random)) at "
+                                f"{len(coupling['measured'])} of {coupling['n_snapshots_total']} snapshots; "
+                                "leading window = the paper's code, trailing = causal.")]
+    if "grok_step" in summary:
+        blocks.append(Table(["op", "grok step", "final train acc", "final test acc"],
+                            [[op, fmt(summary["grok_step"].get(op)), fmt(summary["final"].get(f"train/acc/{op}")),
+                              fmt(summary["final"].get(f"test/acc/{op}"))] for op in ops], "training"))
+    blocks.append(Table(["op", "SED stream", "peak R̄", "at step", "final R̄", "mean R̄", "peak R₁", "paper"],
+                        [[op, str(key), fmt(s["peak_R_mean"]), fmt(s["peak_step"]), fmt(s["final_R_mean"]),
+                          fmt(s["mean_R_mean"]), fmt(s["peak_R1"]), paper_for(op, key, seed, len(ops) > 1)]
+                         for op in ops for key, s in parse_keys(coupling["summary"][op]).items()],
+                        "coupling per op and SED stream, ours beside the paper's"))
+
+    def trajectory(op: str) -> Callable[[Path], Path]:
+        return lambda path: plots.coupling_trajectory(coupling, history, op, path)
+
+    figs = [figure(run_dir, f"coupling_{op}.png", figure_dir, f"R̄ over training, {op}", trajectory(op)) for op in ops]
+    blocks += figs + other_figures(run_dir, figs)
+    blocks.append(Details("configuration", flatten(config)))
+    panels = Panels(wandb_ids(run_dir), metric_plots(metric_keys(run_dir / "metrics.jsonl"))
+                    + coupling_plots({op: list(coupling["summary"][op]) for op in ops}), ["coupling/R"],
+                    [f"figures/coupling_{op}" for op in ops])
+    return Section(f"Coupling run: {run_dir.name}", "coupling-run", run_dir, blocks, panels)
+
+
+def check_ops(cfg: CouplingConfig) -> None:
+    """Every op ``cfg`` names is registered (:func:`sed_lens.tasks.available_ops`; it imports torch, so it is not
+    part of :meth:`CouplingConfig.validate`, which runs when a config is made)."""
     from sed_lens.tasks import available_ops
 
-    cfg.train.validate()
-    cfg.scan.validate()
     for op in (*cfg.ops, *(cfg.multitask_ops or ()), *([cfg.ablation_op] if cfg.ablation_op else [])):
         check(op in available_ops(), f"unknown op {op!r}; choose from {', '.join(available_ops())}.")
-    check(len(cfg.seeds) > 0 and len(cfg.ops) > 0, "name at least one op and one seed.")
-    check(not cfg.multitask or len(cfg.multitask_ops or cfg.ops) >= 2, "a multitask model needs at least two ops.")
-    check(cfg.workers is None or cfg.workers >= 1, f"workers must be at least 1, got {cfg.workers}.")
 
 
 def run(cfg: CouplingConfig) -> dict[str, Any]:
     """Run (or complete) the grid of ``cfg``; write OUT/coupling.json, coupling.md and the figures."""
-    validate(cfg)
+    cfg.validate()
+    check_ops(cfg)
     grid = cells(cfg)
     check(len(grid) > 0, "nothing to run: --no-single without --multitask or an ablation.")
     out = Path(cfg.out)
     results = run_grid(grid, out / "cells", backend=cfg.backend, workers=cfg.workers, ray_address=cfg.ray_address,
-                       progress=cfg.progress, desc="coupling runs")
+                       progress=cfg.progress, desc="coupling runs", ignore_keys=TRACKING_KEYS)
     raise_failures(results)
     if not cfg.aggregate:
         return {"config": asdict(cfg), "runs": {r.name: r.summary for r in results}, "aggregated": False,
@@ -536,7 +656,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = parser_for(CouplingConfig, "python -m sed_lens.experiments.coupling", __doc__ or "")
     cfg = config_from_args(CouplingConfig, ap.parse_args(argv))
     if cfg.from_run:
-        validate(cfg)
         analyse_existing(cfg)
         return
     result = run(cfg)

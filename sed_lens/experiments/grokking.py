@@ -22,10 +22,26 @@ from typing import TYPE_CHECKING, Any
 # Only torch-free modules at the top: the flags are parsed (and --help answered) before torch, TransformerLens,
 # W&B or matplotlib are imported; the functions below import them when they run.
 from sed_lens.cli import config_from_args, config_from_dict, csv, parser_for, run_cli
-from sed_lens.configs import INITS, PRESETS, TrainConfig, get_preset
-from sed_lens.devices import DEVICES, resolve_device
+from sed_lens.configs import TRACKING_FIELDS, ModelOptions, Source, TrackingOptions, TrainConfig, get_preset
+from sed_lens.devices import resolve_device
 from sed_lens.errors import SedLensError, check
-from sed_lens.tracking import WANDB_MODES, Run, default_run_dir, read_jsonl, write_json
+from sed_lens.rendering import (
+    Block,
+    Details,
+    Panels,
+    Section,
+    Table,
+    Text,
+    figure,
+    flatten,
+    fmt,
+    load_json,
+    metric_keys,
+    metric_plots,
+    other_figures,
+    wandb_ids,
+)
+from sed_lens.tracking import Run, default_run_dir, read_jsonl, write_json
 
 if TYPE_CHECKING:
     from sed_lens.tasks import ModularArithmetic
@@ -44,25 +60,19 @@ def sed_sources_arg(text: str) -> tuple[str, ...]:
 sed_sources_arg.__name__ = "list"
 
 
-@dataclass
-class GrokkingConfig:
-    """One grokking run: task, model, training protocol, tracking."""
+@dataclass(kw_only=True)
+class GrokkingConfig(ModelOptions, TrackingOptions):
+    """One grokking run: task, model, training protocol, SED capture, tracking."""
 
     ops: tuple[str, ...] = field(default=("add",), metadata={
         "help": "op, or comma-separated ops for a multitask model (add, sub, mul, sq or a registered op)",
         "aliases": ("--op",), "parse": csv(), "metavar": "OPS"})
-    p: int = field(default=97, metadata={"help": "modulus"})
     seed: int = field(default=42, metadata={"help": "seed of the split, the initialisation and the batch sampler"})
-    preset: str = field(default="xu2026", metadata={"help": "model preset", "choices": tuple(PRESETS)})
-    init: str | None = field(default=None, metadata={
-        "help": "initialisation: torch (PyTorch defaults of nn.TransformerEncoder) or tl (TransformerLens); "
-                "default: the preset's", "choices": INITS})
-    train_frac: float = field(default=0.5, metadata={"help": "fraction of the pairs used for training"})
     train: TrainConfig = field(default_factory=TrainConfig)
-    sed: tuple[str, ...] = field(default=("update", "gradient"), metadata={
+    sed: tuple[Source, ...] = field(default=("update", "gradient"), metadata={
         "help": "capture rolling SED while training from these sources: update, gradient, task_gradient "
                 "(comma-separated; none turns it off), and measure the coupling of the final bases",
-        "parse": sed_sources_arg, "metavar": "SOURCES"})
+        "parse": sed_sources_arg, "metavar": "SOURCES", "what": "SED source"})
     sed_window: int = field(default=20, metadata={"help": "SED window W (snapshots)"})
     sed_k: int = field(default=3, metadata={"help": "SED directions k"})
     sed_every: int = field(default=25, metadata={"help": "SED snapshot interval (steps)"})
@@ -70,20 +80,32 @@ class GrokkingConfig:
         "help": "save the model state every N steps to RUN_DIR/snapshots for offline analyses, "
                 "e.g. python -m sed_lens.experiments.coupling --from-run (0: off)"})
     run_dir: str | None = field(default=None, metadata={"help": "run directory (default: runs/grokking/NAME-TIME)"})
-    wandb_mode: str = field(default="offline", metadata={"help": "W&B mode", "choices": WANDB_MODES})
-    wandb_project: str = field(default="sed-lens", metadata={"help": "W&B project"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    device: str = field(default="auto", metadata={
-        "help": "where the model trains: auto (cuda if available, else mps, else cpu), cpu, cuda or mps",
-        "choices": DEVICES})
     resume: str | None = field(default=None, metadata={
         "help": "continue the run in this directory from its last checkpoint, with its saved settings "
                 "(e.g. after it was killed); the only other flag it takes is --steps N, which extends a run "
                 "to N steps (also a finished one)"})
 
+    def validate(self) -> None:
+        """The pieces' checks (task and model, tracking), the training protocol's, then the run's own. The op
+        names are checked against the registered ops when the task is built (:func:`run`)."""
+        super().validate()
+        check(len(self.ops) > 0, "name at least one op (--ops).")
+        check(len(set(self.ops)) == len(self.ops), f"ops must not repeat, got {', '.join(self.ops)} (--ops).")
+        if self.sed:
+            check(self.sed_window >= 1, f"the SED window must be at least 1, got {self.sed_window} (--sed-window).")
+            check(1 <= self.sed_k <= self.sed_window, f"need 1 <= sed-k <= sed-window, got sed-k={self.sed_k}, "
+                                                      f"sed-window={self.sed_window} (--sed-k, --sed-window).")
+            check(self.sed_every >= 1, f"the SED snapshot interval must be at least 1, got {self.sed_every} (--sed-every).")
+        check(self.snapshot_every >= 0, f"snapshot-every must be non-negative, got {self.snapshot_every} (--snapshot-every).")
+
     @property
     def name(self) -> str:
         return f"{'+'.join(self.ops)}-p{self.p}-s{self.seed}"
+
+
+TRACKING_KEYS = frozenset(TRACKING_FIELDS)
+"""Fields of :class:`GrokkingConfig` (and of the experiments built on it) that change where a run is logged, not
+what it computes: grids of such runs ignore them when matching finished cells (``run_grid(ignore_keys=...)``)."""
 
 
 def matches_paper(cfg: GrokkingConfig) -> bool:
@@ -116,7 +138,6 @@ def capture_callbacks(cfg: GrokkingConfig, run_dir: Path | None = None) -> list[
     out: list[Callback] = []
     if cfg.sed:
         out.append(GradientCapture(sources=cfg.sed, window=cfg.sed_window, k=cfg.sed_k, every=cfg.sed_every))
-    check(cfg.snapshot_every >= 0, f"snapshot-every must be non-negative, got {cfg.snapshot_every}.")
     if cfg.snapshot_every and run_dir is not None:
         out.append(SnapshotStore(cfg.snapshot_every, run_dir / "snapshots"))
     return out
@@ -139,7 +160,7 @@ def train(cfg: GrokkingConfig, tracker: Run | None, callbacks: Sequence[Callback
     from sed_lens.models import model_spec
     from sed_lens.training import Trainer
 
-    cfg.train.validate()
+    cfg.validate()
     callbacks = [*capture_callbacks(cfg, tracker.dir if tracker is not None else None), *callbacks]
     task, model = build(cfg)
     if tracker is not None:
@@ -175,10 +196,10 @@ def run(cfg: GrokkingConfig, callbacks: Sequence[Callback] = (), resume: bool = 
     from sed_lens.tasks import ModularArithmetic
     from sed_lens.training import TrainingInterrupted
 
-    cfg.train.validate()
-    capture_callbacks(cfg)  # validate the SED flags and the task before creating the run directory
+    cfg.validate()
+    # Before the run directory exists: the registered ops (and a prime modulus where an op needs one) ...
     ModularArithmetic(cfg.p, cfg.ops, cfg.train_frac, cfg.seed, layout=get_preset(cfg.preset).layout)
-    resolve_device(cfg.device)  # an unavailable device is one line before the run directory exists
+    resolve_device(cfg.device)  # ... and the device: an unavailable one is one line
     cfg = resolved(cfg)
     with open_run(cfg, resume=resume) as tracker:
         if announce:
@@ -210,12 +231,15 @@ def saved_config(run_dir: str | Path, experiment: str = "grokking") -> dict[str,
 
 def checkpoint_step(path: Path) -> int:
     """The step of the checkpoint at ``path`` (:class:`SedLensError` if it cannot be read)."""
-    import torch
+    from sed_lens.serialization import UnsafeFileError, load
+    from sed_lens.training import CHECKPOINT_FORMATS
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        check(isinstance(state, dict) and state.get("format") == "sed_lens.checkpoint/1", "not a checkpoint")
+        state = load(path, map_location="cpu")
+        check(isinstance(state, dict) and state.get("format") in CHECKPOINT_FORMATS, "not a checkpoint")
         return int(state["step"])
+    except UnsafeFileError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
         raise SedLensError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}); "
                            "it cannot be resumed.") from None
@@ -251,8 +275,7 @@ def resume(run_dir: str | Path, progress: bool = True, steps: int | None = None,
     elif steps is not None:
         check(steps > at, f"--steps {steps} does not extend {path}: its checkpoint is at step {at}.")
     if steps is not None:
-        cfg = replace(cfg, train=replace(cfg.train, steps=steps))
-        cfg.train.validate()
+        cfg = replace(cfg, train=replace(cfg.train, steps=steps))  # validated as it is made
         saved = json.loads((path / "config.json").read_text())
         write_json(path / "config.json", {**saved, "train": {**saved.get("train", {}), "steps": steps}})
     result, tracker = run(cfg, resume=True, announce=announce)
@@ -287,7 +310,7 @@ def finish_run(cfg: GrokkingConfig, result: TrainResult, tracker: Run) -> list[P
     return list(figs.values())
 
 
-FINAL_COUPLING = {"n_probes": 1024, "n_random": 20, "random_seed": 0, "probe_seed": 0, "method": "hvp"}
+FINAL_COUPLING: dict[str, Any] = {"n_probes": 1024, "n_random": 20, "random_seed": 0, "probe_seed": 0, "method": "hvp"}
 
 
 def measure_final_coupling(cfg: GrokkingConfig, run_dir: Path) -> dict[str, Any] | None:
@@ -299,16 +322,18 @@ def measure_final_coupling(cfg: GrokkingConfig, run_dir: Path) -> dict[str, Any]
 
     import torch
 
+    from sed_lens import serialization
     from sed_lens.analysis.coupling import coupling
-    from sed_lens.loading import load_run
     from sed_lens.subspace import ParamSubspace
 
-    if not (run_dir / "sed_bases.pt").is_file() or not (run_dir / "checkpoints" / "last.pt").is_file():
+    bases_path, ckpt_path = run_dir / "sed_bases.pt", run_dir / "checkpoints" / "last.pt"
+    if not bases_path.is_file() or not ckpt_path.is_file():
         return None
     t0 = time.perf_counter()
-    loaded = load_run(run_dir, device=cfg.device)
-    saved = loaded.sed_bases or {}
-    model, task = loaded.model, loaded.task
+    saved = serialization.load(bases_path) or {}
+    task, model = build(cfg)
+    model.load_state_dict(serialization.load(ckpt_path, map_location=next(model.parameters()).device)["model"])
+    model.eval()
     subspace = ParamSubspace.attention(model)
     s = FINAL_COUPLING
     probes = task.probes(min(s["n_probes"], len(task.pairs)), s["probe_seed"])
@@ -425,6 +450,59 @@ def report(cfg: GrokkingConfig, result: TrainResult, tracker: Run) -> str:
     return "\n".join(lines)
 
 
+# --- the report section -------------------------------------------------------------------------------------
+def detects(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a finished grokking run (config.json of this experiment, metrics, summary)."""
+    config = load_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
+    return (isinstance(config, dict) and config.get("experiment") == "grokking" and (run_dir / "metrics.jsonl").is_file()
+            and (run_dir / "summary.json").is_file())
+
+
+def report_section(run_dir: Path, figure_dir: Path) -> Section:
+    """A grokking run: grok step and final accuracies per op (the paper's grok step beside ours when the setup is
+    the paper's), SED spectra at the last eval, the accuracy curves and SED spectra over training (redrawn into
+    ``figure_dir`` when the directory lacks them)."""
+    from sed_lens import plots  # here, not at the top: `--help` stays fast
+
+    config = load_json(run_dir / "config.json")
+    summary = load_json(run_dir / "summary.json")
+    history = read_jsonl(run_dir / "metrics.jsonl")
+    cfg = config_from_dict(GrokkingConfig, {k: v for k, v in config.items() if k != "experiment"})
+    comparable = matches_paper(cfg)
+    final, grok = summary.get("final", {}), summary.get("grok_step", {})
+    blocks: list[Block] = [Text(
+        f"{'+'.join(cfg.ops)} mod {cfg.p}, seed {cfg.seed}, preset {cfg.preset}, init {cfg.init or get_preset(cfg.preset).default_init}: "
+        f"{fmt(summary.get('steps'))} steps in {fmt(summary.get('wall_time_s'))} s"
+        + (", stopped once test accuracy held" if summary.get("stopped_early") else "") + ". Grok step = first eval "
+        f"with test accuracy ≥ {cfg.train.grok_acc}. The paper's grok step (mean over seeds 42, 137, 2024) applies to "
+        "its own setup only (PyTorch-default init, p 97, its optimizer protocol)"
+        + ("; this run uses it." if comparable else "; this run differs, so it is not shown."))]
+    blocks.append(Table(["op", "grok step", "paper grok step", "final train acc", "final test acc", "final test loss"],
+                        [[op, fmt(grok.get(op)), fmt(PAPER["grok_step"].get(op)) if comparable else "—",
+                          fmt(final.get(f"train/acc/{op}")), fmt(final.get(f"test/acc/{op}")),
+                          fmt(final.get(f"test/loss/{op}"))] for op in cfg.ops], "summary"))
+    streams = plots.sed_streams(history)
+    if streams:
+        last = next(r for r in reversed(history) if any(k.startswith("sed/") for k in r))
+        n_sig = max(len(v["sigma"]) for v in streams.values())
+        n_gap = max(len(v["gap"]) for v in streams.values())
+        blocks.append(Table(["stream", *[f"σ{j}" for j in range(1, n_sig + 1)], *[f"σ{j}/σ{j + 1}" for j in range(1, n_gap + 1)],
+                             "overlap"],
+                            [[s, *[fmt(last.get(f"sed/{s}/sigma_{j}"), 4) for j in range(1, n_sig + 1)],
+                              *[fmt(last.get(f"sed/{s}/gap_{j}")) for j in range(1, n_gap + 1)], fmt(last.get(f"sed/{s}/overlap"))]
+                             for s in streams], f"SED at the last eval (step {last['step']})"))
+    figs = [figure(run_dir, "grokking.png", figure_dir, "accuracy over training, grok step marked",
+                   lambda path: plots.grokking_curves(history, cfg.ops, path, grok, title=f"Grokking {cfg.name}"))]
+    if streams:
+        figs.append(figure(run_dir, "sed_spectra.png", figure_dir, "SED singular values, gaps and overlap over training",
+                           lambda path: plots.sed_spectra(history, path, title=f"SED spectra over training ({cfg.name})")))
+    blocks += figs + other_figures(run_dir, figs)
+    blocks += [Details("configuration", flatten(config)), Details("summary.json", flatten(summary))]
+    panels = Panels(wandb_ids(run_dir), metric_plots(metric_keys(run_dir / "metrics.jsonl")), [],
+                    ["figures/grokking"] + (["figures/sed_spectra"] if streams else []))
+    return Section(f"Grokking run: {run_dir.name}", "grokking", run_dir, blocks, panels)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = parser_for(GrokkingConfig, "python -m sed_lens.experiments.grokking", __doc__ or "")
     ns = ap.parse_args(argv)
@@ -438,7 +516,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         cfg, result, tracker = resumed
     else:
-        check(len(cfg.ops) > 0, "name at least one op.")
         result, tracker = run(cfg, announce=True)
     print(report(cfg, result, tracker))
 

@@ -26,13 +26,31 @@ from typing import Any
 # Only torch-free modules at the top: flags are parsed (and --help answered) before torch, TransformerLens or
 # matplotlib are imported; the functions below import what they need when they run.
 from sed_lens.cli import config_from_args, config_from_dict, csv, parser_for, run_cli
-from sed_lens.configs import APPLY_TO, INITS, PRESETS, TrainConfig, get_preset
-from sed_lens.devices import DEVICES
+from sed_lens.configs import ApplyTo, GridOptions, ModelOptions, TrackingOptions, TrainConfig, get_preset, shared
 from sed_lens.errors import check
 from sed_lens.experiments import grokking
-from sed_lens.experiments.grokking import GrokkingConfig
-from sed_lens.grid import BACKENDS, Cell, raise_failures, run_grid
-from sed_lens.tracking import WANDB_MODES, log_summary_run, read_jsonl, to_jsonable, write_json
+from sed_lens.experiments.cell_id import CellId
+from sed_lens.experiments.grokking import TRACKING_KEYS, GrokkingConfig
+from sed_lens.grid import Cell, raise_failures, run_grid
+from sed_lens.rendering import (
+    Block,
+    Details,
+    Heading,
+    Panels,
+    Section,
+    Table,
+    Text,
+    figure,
+    flatten,
+    json_has,
+    load_json,
+    metric_keys,
+    metric_plots,
+    other_figures,
+    render_markdown_blocks,
+    wandb_ids,
+)
+from sed_lens.tracking import log_summary_run, read_jsonl, to_jsonable, write_json
 
 TARGET = "sed_lens.experiments.intervention:grid_cell"
 
@@ -75,18 +93,17 @@ class InterventionTrainConfig(TrainConfig):
         "help": "stop each run at its grok step (--no-stop-at-grok: train to the paper's stop rule)"})
 
 
-@dataclass
-class InterventionConfig:
+@dataclass(kw_only=True)
+class InterventionConfig(ModelOptions, TrackingOptions, GridOptions):
     """The five-condition intervention grid for one op and one projection method."""
 
     op: str = field(default="add", metadata={"help": "op (add, sub, mul, sq or a registered op)"})
     seeds: tuple[int, ...] = field(default=(42, 137, 2024), metadata={
         "help": "comma-separated seeds (split, initialisation, batches and random bases)", "parse": csv(int),
         "metavar": "SEEDS"})
-    method: str = field(default="gradient", metadata={
+    method: ApplyTo = field(default="gradient", metadata={
         "help": "where the projection acts: gradient (after clipping, before the optimizer step; the paper's "
-                "correct method) or update (the applied update, after the step; the flawed method)",
-        "choices": APPLY_TO})
+                "correct method) or update (the applied update, after the step; the flawed method)"})
     conditions: tuple[str, ...] = field(default=tuple(CONDITIONS), metadata={
         "help": "comma-separated conditions: A control, B remove SED, C keep SED, D remove random, E keep random",
         "parse": csv(str.upper), "metavar": "CODES"})
@@ -94,43 +111,29 @@ class InterventionConfig:
     window: int = field(default=20, metadata={"help": "SED window W: the last W applied attention vectors"})
     warmup: int | None = field(default=None, metadata={
         "help": "steps without projection at the start (default: the window, i.e. until it is full)"})
-    p: int = field(default=97, metadata={"help": "modulus"})
-    preset: str = field(default="xu2026", metadata={"help": "model preset", "choices": tuple(PRESETS)})
-    init: str | None = field(default=None, metadata={
-        "help": "initialisation: torch (the paper's; step counts comparable with it) or tl (about 5x sooner, only "
-                "ratios comparable); default: the preset's", "choices": INITS})
-    train_frac: float = field(default=0.5, metadata={"help": "fraction of the pairs used for training"})
     train: InterventionTrainConfig = field(default_factory=InterventionTrainConfig)
     out: str | None = field(default=None, metadata={
         "help": "output directory: one run directory per run, the JSON, table and figures "
                 "(default: runs/intervention/OP-pP-METHOD)"})
-    backend: str = field(default="local", metadata={"help": "where runs execute", "choices": BACKENDS})
-    workers: int | None = field(default=None, metadata={
-        "help": "parallel runs of the local backend (default: one per CPU core)"})
-    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local one)"})
-    wandb_mode: str = field(default="offline", metadata={"help": "W&B mode of every run", "choices": WANDB_MODES})
-    wandb_project: str = field(default="sed-lens", metadata={"help": "W&B project"})
-    device: str = field(default="auto", metadata={
-        "help": "where every run trains: auto (cuda if available, else mps, else cpu), cpu, cuda or mps",
-        "choices": DEVICES})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar over the runs"})
 
     def validate(self) -> None:
+        """The pieces' checks (task and model, tracking, grid), the training protocol's, then the grid's own (the
+        projection's k, window and warm-up, as :class:`sed_lens.hooks.interventions.SubspaceProjection` takes
+        them). The op is checked against the registered ops before the grid runs (:func:`run`)."""
+        super().validate()
         check(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds),
-              f"seeds must be distinct and at least one, got {list(self.seeds)}.")
+              f"seeds must be distinct and at least one, got {list(self.seeds)} (--seeds).")
         bad = [c for c in self.conditions if c not in CONDITIONS]
-        check(not bad, f"unknown condition {bad[0] if bad else ''}; choose from {', '.join(CONDITIONS)}.")
-        check(len(set(self.conditions)) == len(self.conditions), "conditions must be distinct.")
-        check(self.method in APPLY_TO, f"unknown method {self.method!r}; choose {' or '.join(APPLY_TO)}.")
-        check(self.workers is None or self.workers >= 1, f"workers must be at least 1, got {self.workers}.")
-        from sed_lens.hooks.interventions import SubspaceProjection
-        from sed_lens.tasks import ModularArithmetic
-
-        self.train.validate()
-        ModularArithmetic(self.p, (self.op,), self.train_frac, self.seeds[0])  # validates op, p, train_frac
-        for code in self.conditions:  # validates k, window, warmup for every condition used
-            SubspaceProjection(k=self.k, mode=CONDITIONS[code].mode, basis=CONDITIONS[code].basis,
-                               apply_to=self.method, window=self.window, warmup=self.warmup)
+        check(not bad, f"unknown condition {bad[0] if bad else ''} (--conditions); choose from {', '.join(CONDITIONS)}.")
+        check(len(self.conditions) > 0 and len(set(self.conditions)) == len(self.conditions),
+              "conditions must be distinct and at least one (--conditions).")
+        check(self.k >= 1, f"k must be a positive integer, got {self.k} (--k).")
+        check(self.window >= self.k, f"the window must hold at least k={self.k} vectors, got window={self.window} (--window).")
+        warmup = self.window if self.warmup is None else self.warmup
+        check(warmup >= 0, f"warmup must be non-negative, got {warmup} (--warmup).")
+        projects_sed = any(CONDITIONS[c].basis == "sed" and CONDITIONS[c].mode != "none" for c in self.conditions)
+        check(not projects_sed or warmup >= 1,
+              "the SED basis needs at least one applied vector before projecting: use --warmup 1 or more.")
 
     @property
     def out_dir(self) -> Path:
@@ -139,7 +142,8 @@ class InterventionConfig:
 
 # --- the grid ---------------------------------------------------------------------------------------------
 def cell_name(code: str, seed: int) -> str:
-    return f"{code}-{CONDITIONS[code].slug}-s{seed}"
+    """The run directory of condition ``code`` with ``seed`` (``A-control-s42``)."""
+    return CellId.intervention(code, CONDITIONS[code].slug, seed).name
 
 
 def cells(cfg: InterventionConfig) -> list[Cell]:
@@ -148,10 +152,9 @@ def cells(cfg: InterventionConfig) -> list[Cell]:
     for code in cfg.conditions:
         cond = CONDITIONS[code]
         for seed in cfg.seeds:
-            grok = GrokkingConfig(ops=(cfg.op,), p=cfg.p, seed=seed, preset=cfg.preset, init=cfg.init,
-                                  train_frac=cfg.train_frac, train=TrainConfig(**asdict(cfg.train)),
-                                  wandb_mode=cfg.wandb_mode, wandb_project=cfg.wandb_project, sed=(),
-                                  device=cfg.device)
+            grok = GrokkingConfig(ops=(cfg.op,), seed=seed, train=TrainConfig(**asdict(cfg.train)), sed=(),
+                                  **shared(cfg, ModelOptions), wandb_mode=cfg.wandb_mode,
+                                  wandb_project=cfg.wandb_project)
             grok_dict = {k: v for k, v in asdict(grok).items() if k not in ("run_dir", "progress")}
             # The control changes nothing, whatever it would act on: one canonical config, so the gradient and
             # update grids of the same op can share their control runs.
@@ -228,40 +231,74 @@ def _fmt_speedup(s: Mapping[str, Any]) -> str:
     return f"{s['speedup']:.2f}×{spread}"
 
 
-def markdown_table(result: Mapping[str, Any]) -> str:
-    """The results table beside the paper's numbers, with notes."""
+def result_blocks(result: Mapping[str, Any], level: int = 2) -> list[Block]:
+    """The results table beside the paper's numbers, under a heading at ``level``, with notes."""
     cfg = result["config"]
     paper = PAPER.get((cfg["op"], cfg["method"]), {})
     init = cfg["init"] or get_preset(cfg["preset"]).default_init
-    lines = [f"## Rank-{cfg['k']} attention {cfg['method']} projection: {cfg['op']} mod {cfg['p']}, "
-             f"seeds {', '.join(map(str, cfg['seeds']))}",
-             "",
-             "| condition | grok step: mean ± std (min–max) | speedup (per-seed range) | paper grok step | paper speedup |",
-             "|---|---|---|---|---|"]
+    rows = []
     for code, s in result["conditions"].items():
         pg, ps = paper.get(code, (None, None))
-        lines.append(f"| {code} {CONDITIONS[code].label} | {_fmt_steps(s)} | {_fmt_speedup(s)} | "
-                     f"{pg if pg is not None else '—'} | {f'{ps:.2f}×' if ps is not None else '—'} |")
-    lines += ["",
-              f"Grok step: first eval (every {cfg['train']['eval_every']} steps) with test accuracy ≥ "
-              f"{cfg['train']['grok_acc']}. Speedup: mean control grok step / mean condition grok step; the range "
-              "is over seeds (control seed s / condition seed s). std: sample standard deviation over seeds.",
-              f"Projection: k = {cfg['k']}, window W = {cfg['window']}, warm-up {result['warmup']} steps, on the "
-              f"{'attention gradient after clipping' if cfg['method'] == 'gradient' else 'applied attention update'}; "
-              f"initialisation {init}" + (" (the paper's: step counts comparable)." if init == "torch"
-                                          else " (not the paper's: compare speedups, not step counts)."),
-              ]
+        rows.append([f"{code} {CONDITIONS[code].label}", _fmt_steps(s), _fmt_speedup(s),
+                     str(pg) if pg is not None else "—", f"{ps:.2f}×" if ps is not None else "—"])
+    notes = [f"Grok step: first eval (every {cfg['train']['eval_every']} steps) with test accuracy ≥ "
+             f"{cfg['train']['grok_acc']}. Speedup: mean control grok step / mean condition grok step; the range "
+             "is over seeds (control seed s / condition seed s). std: sample standard deviation over seeds.",
+             f"Projection: k = {cfg['k']}, window W = {cfg['window']}, warm-up {result['warmup']} steps, on the "
+             f"{'attention gradient after clipping' if cfg['method'] == 'gradient' else 'applied attention update'}; "
+             f"initialisation {init}" + (" (the paper's: step counts comparable)." if init == "torch"
+                                         else " (not the paper's: compare speedups, not step counts).")]
     if any(s["censored"] for s in result["conditions"].values()):
-        lines.append(f"≥: some runs of that condition did not grok within {cfg['train']['steps']} steps and count at "
+        notes.append(f"≥: some runs of that condition did not grok within {cfg['train']['steps']} steps and count at "
                      "their last step (the mean is a lower bound).")
     if not paper:
-        lines.append("The paper publishes no numbers for this op and method (— in the paper columns).")
+        notes.append("The paper publishes no numbers for this op and method (— in the paper columns).")
     else:
-        lines.append(f"Paper columns: Xu (2026) §4, {PAPER_SETUP}.")
+        notes.append(f"Paper columns: Xu (2026) §4, {PAPER_SETUP}.")
     if paper and cfg["method"] == "update":
-        lines.append("The paper reports only the remove-SED speedup for the update projection (an optimizer-pipeline "
+        notes.append("The paper reports only the remove-SED speedup for the update projection (an optimizer-pipeline "
                      "artefact, 1.21×); it does not state the op, shown here for add.")
-    return "\n".join(lines) + "\n"
+    return [Heading(f"Rank-{cfg['k']} attention {cfg['method']} projection: {cfg['op']} mod {cfg['p']}, "
+                    f"seeds {', '.join(map(str, cfg['seeds']))}", level),
+            Table(["condition", "grok step: mean ± std (min–max)", "speedup (per-seed range)", "paper grok step",
+                   "paper speedup"], rows),
+            *[Text(n) for n in notes]]
+
+
+def result_markdown(result: Mapping[str, Any]) -> str:
+    """intervention.md: :func:`result_blocks` as Markdown."""
+    return render_markdown_blocks(result_blocks(result), None) + "\n"
+
+
+def detects(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is this experiment's output directory (its intervention.json)."""
+    return json_has(run_dir / "intervention.json", "conditions")
+
+
+def report_section(run_dir: Path, figure_dir: Path) -> Section:
+    """The output directory: the results table beside the paper's with its notes, the runs, the accuracy and
+    speedup figures (redrawn into ``figure_dir`` when the directory lacks them), the configuration."""
+    result = load_json(run_dir / "intervention.json")
+    blocks = result_blocks(result, level=3)
+    runs = result.get("runs", [])
+    if runs:
+        blocks += [Heading("Runs"),
+                   Table(["condition", "seed", "grok step", "steps", "directory"],
+                         [[f"{r['condition']} {CONDITIONS[r['condition']].label}", str(r["seed"]),
+                           str(r["grok_step"]) if r["grok_step"] is not None else "—", str(r["steps"]),
+                           str(r.get("run_dir", "—"))] for r in runs])]
+
+    def redraw(key: str) -> Any:
+        return lambda path: Path(figures(result, path.parent)[key])
+
+    figs = [figure(run_dir, "accuracy.png", figure_dir, "test accuracy over training, one line per run", redraw("accuracy")),
+            figure(run_dir, "speedup.png", figure_dir, "speedup per condition (whiskers: range over seeds)", redraw("speedup"))]
+    blocks += figs + other_figures(run_dir, figs)
+    blocks.append(Details("configuration", flatten(result.get("config", {}))))
+    subdirs = [d for d in sorted(run_dir.iterdir()) if d.is_dir()]
+    panels = Panels(wandb_ids(run_dir, *subdirs),
+                    metric_plots(metric_keys(run_dir / "metrics.jsonl", *(d / "metrics.jsonl" for d in subdirs))))
+    return Section(f"Intervention: {run_dir.name}", "intervention", run_dir, blocks, panels)
 
 
 def figures(result: Mapping[str, Any], out: Path) -> dict[str, str]:
@@ -295,11 +332,15 @@ def figures(result: Mapping[str, Any], out: Path) -> dict[str, str]:
 # --- the experiment ---------------------------------------------------------------------------------------
 def run(cfg: InterventionConfig) -> dict[str, Any]:
     """Run (or complete) the grid of ``cfg`` and write the JSON, table and figures; returns the JSON's content."""
+    from sed_lens.tasks import ModularArithmetic
+
     cfg.validate()
+    ModularArithmetic(cfg.p, (cfg.op,), cfg.train_frac, cfg.seeds[0])  # the op is registered (p prime if it needs)
     out = cfg.out_dir
     cell_list = cells(cfg)
     results = run_grid(cell_list, out, backend=cfg.backend, workers=cfg.workers, threads=1,
-                       ray_address=cfg.ray_address, progress=cfg.progress, desc=f"intervention {cfg.op} {cfg.method}")
+                       ray_address=cfg.ray_address, progress=cfg.progress, desc=f"intervention {cfg.op} {cfg.method}",
+                       ignore_keys=TRACKING_KEYS)
     raise_failures(results)
     runs = []
     for c, r in zip(cell_list, results, strict=True):
@@ -322,7 +363,7 @@ def run(cfg: InterventionConfig) -> dict[str, Any]:
         s["label"] = CONDITIONS[code].label
         s["mode"], s["basis"] = CONDITIONS[code].mode, CONDITIONS[code].basis
     result["figures"] = figures(result, out)
-    table = markdown_table(result)
+    table = result_markdown(result)
     (out / "intervention.md").write_text(table)
     result["table"] = str(out / "intervention.md")
     write_json(out / "intervention.json", result)

@@ -26,18 +26,22 @@ from pathlib import Path
 from typing import Any
 
 from sed_lens.cli import config_from_args, csv, parser_for, run_cli
-from sed_lens.configs import ScanConfig, TrainConfig
+from sed_lens.configs import GridOptions, ScanConfig, TrackingOptions, TrainConfig, shared
 from sed_lens.errors import check
 from sed_lens.experiments import coupling as coupling_exp
 from sed_lens.experiments import intervention as intervention_exp
-from sed_lens.experiments.reproduction_report import claim_numbers, write_report
+from sed_lens.experiments.grokking import TRACKING_KEYS
+from sed_lens.experiments.reproduction_report import claim_numbers, output_section, write_report
 from sed_lens.experiments.reproduction_results import load_results
-from sed_lens.grid import BACKENDS, Cell, CellResult, raise_failures, run_grid, same_config
-from sed_lens.tracking import WANDB_MODES, atomic_write_bytes, write_json
+from sed_lens.grid import Cell, CellResult, raise_failures, run_grid, same_config
+from sed_lens.rendering import Section, json_has
+from sed_lens.tracking import atomic_write_bytes, write_json
 
 
-@dataclass
-class ReproduceConfig:
+@dataclass(kw_only=True)
+class ReproduceConfig(TrackingOptions, GridOptions):
+    """The whole reproduction: which seeds, where the runs, kept results and report go, how the runs execute."""
+
     quick: bool = field(default=False, metadata={"help": "a few-minute version (small p, one seed): qualitative claims only"})
     out: str = field(default="runs/reproduce", metadata={"help": "where the runs and the report go (rerunning skips finished runs)"})
     report: str | None = field(default=None, metadata={
@@ -55,11 +59,14 @@ class ReproduceConfig:
         "help": "keep each run's compact results (its cell.json: config and every number the report uses) here as "
                 "soon as it finishes, and restore finished runs from here (default: OUT/results; the repository's "
                 "are in docs/reproduction/runs)"})
-    backend: str = field(default="local", metadata={"help": "where runs execute", "choices": BACKENDS})
-    workers: int | None = field(default=None, metadata={"help": "parallel runs (default: one per core)"})
-    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local Ray)"})
-    wandb_mode: str = field(default="offline", metadata={"help": "W&B mode of every run", "choices": WANDB_MODES})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def validate(self) -> None:
+        """The pieces' checks (tracking, grid), then the seeds (the experiments' configs check the rest as
+        :func:`plan` makes them)."""
+        super().validate()
+        check(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds),
+              f"seeds must be distinct and at least one, got {list(self.seeds)} (--seeds).")
+        check(len(self.multitask_seeds) > 0, "name at least one multitask seed (--multitask-seeds).")
 
 
 ANALYSIS_SEEDS = 3
@@ -77,8 +84,7 @@ def post_grok_steps(scan: ScanConfig, every: int) -> int:
 def plan(cfg: ReproduceConfig) -> tuple[coupling_exp.CouplingConfig, list[intervention_exp.InterventionConfig]]:
     """The experiments of the reproduction (full protocol, or the quick version)."""
     out = Path(cfg.out)
-    common: dict[str, Any] = {"backend": cfg.backend, "workers": cfg.workers, "ray_address": cfg.ray_address,
-              "wandb_mode": cfg.wandb_mode, "progress": cfg.progress}
+    common: dict[str, Any] = shared(cfg, GridOptions, TrackingOptions)
     if cfg.quick:
         # Coupling: p 31 with TransformerLens' init groks in ~1,000 steps. Intervention: the speedup needs the
         # paper's slow-grokking PyTorch init; at p 59 its control groks near step 3,100, so runs are capped at
@@ -173,7 +179,7 @@ def restore_results(grid: Sequence[Cell], root: Path, kept: Path) -> int:
         src, dst = kept / f"{c.name}.json", root / c.name / "cell.json"
         if src.is_file() and not (root / c.name).exists():
             data = json.loads(src.read_text())
-            if same_config(data.get("config"), c.config):
+            if same_config(data.get("config"), c.config, TRACKING_KEYS):
                 write_json(dst, data)
                 n += 1
     return n
@@ -203,10 +209,8 @@ def run(cfg: ReproduceConfig, argv: Sequence[str] | None = None) -> dict[str, An
     """Run (or complete) every run of the reproduction, keep each run's compact results as it finishes, and write
     the report from them (``report_only``: only the report, from the kept results, no training)."""
     t0 = time.perf_counter()
-    coupling, interventions = plan(cfg)
-    coupling_exp.validate(coupling)
-    for iv in interventions:
-        iv.validate()
+    cfg.validate()
+    coupling, interventions = plan(cfg)  # each experiment's config is validated as plan() makes it
     root = Path(cfg.out)
     kept = Path(cfg.results) if cfg.results else root / "results"
     grid = [Cell(str((path / c.name).relative_to(root)), c.target, c.config) for path, c in all_cells(coupling, interventions)]
@@ -215,7 +219,8 @@ def run(cfg: ReproduceConfig, argv: Sequence[str] | None = None) -> dict[str, An
         share_controls(interventions)
         restore_results(grid, root, kept)
         results = run_grid(grid, root, backend=cfg.backend, workers=cfg.workers, ray_address=cfg.ray_address,
-                           progress=cfg.progress, desc="reproduction runs", on_done=lambda r: keep_result(r, root, kept))
+                           progress=cfg.progress, desc="reproduction runs", on_done=lambda r: keep_result(r, root, kept),
+                           ignore_keys=TRACKING_KEYS)
         raise_failures(results)
         skipped = sum(r.skipped for r in results)
     command = " ".join(["python -m sed_lens.experiments.reproduce", *(argv or [])])
@@ -231,11 +236,21 @@ def run(cfg: ReproduceConfig, argv: Sequence[str] | None = None) -> dict[str, An
     return summary
 
 
+def detects(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a reproduction's output directory (its reproduction.json)."""
+    return json_has(run_dir / "reproduction.json", "claims")
+
+
+def report_section(run_dir: Path, figure_dir: Path) -> Section:
+    """The report section of an output directory: the reproduction report's blocks, built from its kept results
+    (:func:`sed_lens.experiments.reproduction_report.output_section`)."""
+    return output_section(run_dir, figure_dir)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = parser_for(ReproduceConfig, "python -m sed_lens.experiments.reproduce", __doc__ or "")
     args = list(sys.argv[1:] if argv is None else argv)
     cfg = config_from_args(ReproduceConfig, ap.parse_args(args))
-    check(cfg.workers is None or cfg.workers >= 1, f"workers must be at least 1, got {cfg.workers}.")
     summary = run(cfg, args)
     print(f"reproduction finished in {summary['meta']['wall_time_s'] / 60:.1f} min; report: {', '.join(summary['report'])}")
     print(json.dumps(summary["claims"], indent=2))

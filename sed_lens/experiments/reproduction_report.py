@@ -4,9 +4,10 @@ post-grok run (the same trajectory trained on past it) — with the spread over 
 seeds, the phase medians, the paper's conclusions checked, every difference discussed with the numbers that show
 it, and the figures.
 
-The report is a list of blocks (headings, paragraphs, tables, figures; :mod:`sed_lens.report`) computed from the
-typed results of :mod:`sed_lens.experiments.reproduction_results` and rendered to Markdown and to one
-self-contained HTML page; nothing is typed by hand and nothing is parsed back.
+The report is a list of blocks (headings, paragraphs, tables, figures; :mod:`sed_lens.rendering`) computed from
+the typed results of :mod:`sed_lens.experiments.reproduction_results` and rendered to Markdown and to one
+self-contained HTML page; nothing is typed by hand and nothing is parsed back. The same blocks are the section of
+a reproduction output directory in ``python -m sed_lens.report`` (:func:`output_section`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sed_lens.analysis.scan_key import ScanKey
+from sed_lens.errors import SedLensError
 from sed_lens.experiments.reproduction_results import (
     LENGTH_LABELS,
     LENGTHS,
@@ -26,16 +29,31 @@ from sed_lens.experiments.reproduction_results import (
     load_results,
     speedups,
 )
+from sed_lens.rendering import (
+    Block,
+    Figure,
+    Heading,
+    Panels,
+    Section,
+    Table,
+    Text,
+    load_json,
+    metric_keys,
+    metric_plots,
+    render_html,
+    render_markdown_blocks,
+    wandb_ids,
+)
 
 # The paper's numbers (PAPER.md §4), once.
 PAPER_SEEDS = (42, 137, 2024)
 PAPER_GRADIENT_RANGE = (100.0, 330.0)
 PAPER_UPDATE_RANGE = (3.0, 9.0)
 PAPER_MUL = {42: 327.0, 137: 101.0, 2024: 217.0}
-PAPER_WINDOW = {1: 648.0, 20: 212.0, 40: 140.0}
-PAPER_EPS = {0.001: 221.0, 0.005: 212.0, 0.05: 74.0}
+PAPER_WINDOW: dict[float, float] = {1: 648.0, 20: 212.0, 40: 140.0}
+PAPER_EPS: dict[float, float] = {0.001: 221.0, 0.005: 212.0, 0.05: 74.0}
 PAPER_MULTITASK_PER_OP = {"add": 31.5, "sub": 44.9, "mul": 23.8, "sq": 21.8}
-PAPER_INTERVENTION = {("add", "gradient"): {"A": (3358, 1.00), "B": (3300, 1.02), "C": (1525, 2.20),
+PAPER_INTERVENTION: dict[tuple[str, str], dict[str, tuple[float | None, float]]] = {("add", "gradient"): {"A": (3358, 1.00), "B": (3300, 1.02), "C": (1525, 2.20),
                                             "D": (3358, 1.00), "E": (1425, 2.36)},
                       ("add", "update"): {"B": (None, 1.21)}}
 CONDITION_LABELS = {"A": "control", "B": "remove SED", "C": "keep SED", "D": "remove random", "E": "keep random"}
@@ -64,17 +82,30 @@ def mean_sd(values: Sequence[float | None], d: int = 0) -> str:
     return f"{fmt(sp.mean, d)} ± {fmt(sp.sd, d)}" if sp.n > 1 else fmt(sp.mean, d)
 
 
-def fd_key(key: str, eps: float = 0.005) -> str:
-    return f"{key}/fd_eps={eps:g}"
+# What the report reads of each run: gradient and update SED with the leading window (the paper's code), per-op
+# gradient SED of a multitask run, gradient SED at the ablation's windows, and the paper's finite difference.
+GRADIENT, UPDATE = ScanKey("gradient", LEAD), ScanKey("update", LEAD)
+
+
+def per_op_key(op: str) -> ScanKey:
+    return ScanKey("task_gradient", LEAD, op)
+
+
+def window_key(w: int) -> ScanKey:
+    return ScanKey("gradient", LEAD, window=w)
+
+
+def fd_key(key: ScanKey, eps: float = 0.005) -> ScanKey:
+    return key.with_fd_eps(eps)
 
 
 # --- numbers ------------------------------------------------------------------------------------------------
-def peak(run: CouplingRun, length: str, key: str, op: str | None = None, what: str = "peak_R_mean") -> Spread:
+def peak(run: CouplingRun, length: str, key: ScanKey, op: str | None = None, what: str = "peak_R_mean") -> Spread:
     """A peak over the analysis seeds (their median is the run's value)."""
     return run.over_seeds(length, op or run.op, key, what)
 
 
-def run_value(run: CouplingRun, length: str, key: str, op: str | None = None, what: str = "peak_R_mean") -> float | None:
+def run_value(run: CouplingRun, length: str, key: ScanKey, op: str | None = None, what: str = "peak_R_mean") -> float | None:
     return peak(run, length, key, op, what).median
 
 
@@ -84,17 +115,15 @@ def ratio_of(a: float | None, b: float | None) -> float | None:
 
 def gradient_over_update(res: Results, length: str) -> Spread:
     """Per single-task run, gradient-SED peak R̄ / update-SED peak R̄ (each the median over analysis seeds)."""
-    return Spread.of(ratio_of(run_value(r, length, f"gradient/{LEAD}"), run_value(r, length, f"update/{LEAD}"))
+    return Spread.of(ratio_of(run_value(r, length, GRADIENT), run_value(r, length, UPDATE))
                      for r in res.single() if length in r.scans)
 
 
 # --- blocks -------------------------------------------------------------------------------------------------
-Blocks = list[Any]
+Blocks = list[Block]
 
 
 def headline(res: Results) -> Blocks:
-    from sed_lens.report import Table
-
     rows: list[list[str]] = []
     lengths = [length for length in LENGTHS if any(length in r.scans for r in res.single())]
     single = res.single()
@@ -103,7 +132,7 @@ def headline(res: Results) -> Blocks:
             return [fn(length) if length in lengths else "not run" for length in LENGTHS]
 
         def upd(length: str) -> str:
-            per_op = {op: Spread.of(run_value(r, length, f"update/{LEAD}") for r in res.single(op)) for op in res.ops}
+            per_op = {op: Spread.of(run_value(r, length, UPDATE) for r in res.single(op)) for op in res.ops}
             top = max(per_op, key=lambda o: per_op[o].mean or 0)
             return "; ".join(f"{op} {mean_sd(list(sp.values), 1)}" for op, sp in per_op.items()) + f" (highest: {top})"
 
@@ -111,7 +140,7 @@ def headline(res: Results) -> Blocks:
                      *by_length(upd)])
 
         def grad(length: str, fd: bool = False) -> str:
-            key = fd_key(f"gradient/{LEAD}") if fd else f"gradient/{LEAD}"
+            key = fd_key(GRADIENT) if fd else GRADIENT
             vals = [run_value(r, length, key) if not fd else r.stat(length, r.op, key) for r in single]
             sp = Spread.of(vals)
             inside = sum(PAPER_GRADIENT_RANGE[0] <= v <= PAPER_GRADIENT_RANGE[1] for v in sp.values)
@@ -127,7 +156,7 @@ def headline(res: Results) -> Blocks:
             rows.append(["mul, gradient-SED peak R̄ per seed [range over analysis seeds]",
                          ", ".join(f"{s}: {v:g}" for s, v in PAPER_MUL.items()),
                          *by_length(lambda length: "; ".join(
-                             f"{r.seed}: {spread_text(peak(r, length, f'gradient/{LEAD}'))}" for r in mul))])
+                             f"{r.seed}: {spread_text(peak(r, length, GRADIENT))}" for r in mul))])
 
         def ratio(length: str) -> str:
             rs = gradient_over_update(res, length)
@@ -138,25 +167,25 @@ def headline(res: Results) -> Blocks:
     ab = res.ablation
     if ab is not None:
         def window(length: str) -> str:
-            vals = [ab.stat(length, ab.op, f"gradient/{LEAD}/W={w}", "peak_R1") for w in WINDOWS]
+            vals = [ab.stat(length, ab.op, window_key(w), "peak_R1") for w in WINDOWS]
             return "; ".join(f"W={w}: {fmt(v, 0)}" for w, v in zip(WINDOWS, vals, strict=True) if v is not None)
 
         rows.append([f"window ablation, peak R₁ (gradient SED, {ab.op} seed {ab.seed})",
                      "W=1: 648; W=20: 212; W=40: 140 (monotone)", *[window(x) if x in ab.scans else "not run" for x in LENGTHS]])
 
         def eps(length: str) -> str:
-            vals = [ab.stat(length, ab.op, fd_key(f"gradient/{LEAD}", e), "peak_R1") for e in EPSILONS]
-            exact = ab.stat(length, ab.op, f"gradient/{LEAD}", "peak_R1")
+            vals = [ab.stat(length, ab.op, fd_key(GRADIENT, e), "peak_R1") for e in EPSILONS]
+            exact = ab.stat(length, ab.op, GRADIENT, "peak_R1")
             return "; ".join(f"{e:g}: {fmt(v, 0)}" for e, v in zip(EPSILONS, vals, strict=True)) + f"; exact: {fmt(exact, 0)}"
 
         rows.append([f"ε ablation, peak R₁ (finite differences, {ab.op} seed {ab.seed})", "0.001: 221; 0.005: 212; 0.05: 74",
                      *[eps(x) if x in ab.scans else "not run" for x in LENGTHS]])
     for mt in res.multitask:
         def agg(length: str, mt: CouplingRun = mt) -> str:
-            return "; ".join(f"{op} {spread_text(peak(mt, length, f'update/{LEAD}', op), 2)}" for op in mt.ops)
+            return "; ".join(f"{op} {spread_text(peak(mt, length, UPDATE, op), 2)}" for op in mt.ops)
 
         def per(length: str, mt: CouplingRun = mt) -> str:
-            return "; ".join(f"{op} {spread_text(peak(mt, length, f'task_gradient/{op}/{LEAD}', op))}" for op in mt.ops)
+            return "; ".join(f"{op} {spread_text(peak(mt, length, per_op_key(op), op))}" for op in mt.ops)
 
         rows.append([f"multitask (seed {mt.seed}): aggregated update SED, peak R̄", "≤ 1 for every task",
                      *[agg(x) if x in mt.scans else "not run" for x in LENGTHS]])
@@ -183,14 +212,12 @@ def headline(res: Results) -> Blocks:
 
 
 def phase_table(res: Results) -> Blocks:
-    from sed_lens.report import Table, Text
-
     rows = []
     for r in res.single():
-        for key in (f"gradient/{LEAD}", f"update/{LEAD}"):
+        for key in (GRADIENT, UPDATE):
             for length in r.lengths:
                 ph = r.phase_medians(length, r.op, key)
-                rows.append([r.op, str(r.seed), key.split("/")[0], LENGTH_LABELS[length],
+                rows.append([r.op, str(r.seed), key.source, LENGTH_LABELS[length],
                              fmt(ph.get("pre")), fmt(ph.get("transition")), fmt(ph.get("post")),
                              spread_text(peak(r, length, key)), fmt(r.stat(length, r.op, fd_key(key)))])
     if not rows:
@@ -206,8 +233,6 @@ def phase_table(res: Results) -> Blocks:
 
 
 def run_table(res: Results) -> Blocks:
-    from sed_lens.report import Table
-
     rows = []
     for r in res.coupling:
         last = r.last_step("post_grok")
@@ -222,18 +247,16 @@ def run_table(res: Results) -> Blocks:
 
 
 def claims(res: Results) -> Blocks:
-    from sed_lens.report import Text
-
     out: Blocks = []
     for length in LENGTHS:
         rs = gradient_over_update(res, length)
         if rs.n:
             out.append(Text(f"- Gradient SED couples far more strongly than update SED ({LENGTH_LABELS[length]}): the "
                             f"gradient/update peak ratio is {fmt(rs.lo)}–{fmt(rs.hi)}× over {rs.n} run{'s' if rs.n != 1 else ''} "
-                            f"({'holds' if rs.lo >= 10 else 'holds only partly'}: the paper's claim is 1–2 orders of magnitude)."))
+                            f"({'holds' if rs.lo is not None and rs.lo >= 10 else 'holds only partly'}: the paper's claim is 1–2 orders of magnitude)."))
     for mt in res.multitask:
-        ratios = [ratio_of(run_value(mt, "stop_rule", f"task_gradient/{op}/{LEAD}", op),
-                           run_value(mt, "stop_rule", f"update/{LEAD}", op)) for op in mt.ops]
+        ratios = [ratio_of(run_value(mt, "stop_rule", per_op_key(op), op),
+                           run_value(mt, "stop_rule", UPDATE, op)) for op in mt.ops]
         sp = Spread.of(ratios)
         if sp.n:
             out.append(Text(f"- Multitask (seed {mt.seed}): per-op gradient SED couples {fmt(sp.lo)}–{fmt(sp.hi)}× more "
@@ -247,13 +270,11 @@ def claims(res: Results) -> Blocks:
 
 
 def differences(res: Results) -> Blocks:
-    from sed_lens.report import Text
-
     out: Blocks = []
     single = [r for r in res.single() if "post_grok" in r.scans and r.scans["post_grok"] is not r.scans["stop_rule"]]
     already = [r for r in res.single() if r.scans.get("post_grok") is r.scans["stop_rule"]]
     if single:
-        g = f"gradient/{LEAD}"
+        g = GRADIENT
         pairs = [(r, run_value(r, "stop_rule", g), run_value(r, "post_grok", g)) for r in single]
         up = Spread.of(ratio_of(b, a) for _, a, b in pairs)
         inside = {length: sum(PAPER_GRADIENT_RANGE[0] <= (run_value(r, length, g) or 0) <= PAPER_GRADIENT_RANGE[1]
@@ -299,8 +320,8 @@ def differences(res: Results) -> Blocks:
         notes = []
         for length in ab.lengths:
             last = ab.last_step(length)
-            peaks = {w: (ab.stat(length, ab.op, f"gradient/{LEAD}/W={w}", "peak_R1"),
-                         ab.stat(length, ab.op, f"gradient/{LEAD}/W={w}", "peak_R1_step")) for w in WINDOWS}
+            peaks = {w: (ab.stat(length, ab.op, window_key(w), "peak_R1"),
+                         ab.stat(length, ab.op, window_key(w), "peak_R1_step")) for w in WINDOWS}
             at_end = [w for w, (v, step) in peaks.items() if v is not None and step == last]
             vals = [v for v, _ in peaks.values() if v is not None]
             mono = all(a >= b for a, b in zip(vals, vals[1:], strict=False))
@@ -314,9 +335,9 @@ def differences(res: Results) -> Blocks:
                         "(W = 40). Ours — " + "; ".join(notes) + "."))
     mt_notes = []
     for mt in res.multitask:
-        u = Spread.of(run_value(mt, "stop_rule", f"update/{LEAD}", op) for op in mt.ops)
-        a = Spread.of(run_value(mt, "stop_rule", f"gradient/{LEAD}", op) for op in mt.ops)
-        p = Spread.of(run_value(mt, "stop_rule", f"task_gradient/{op}/{LEAD}", op) for op in mt.ops)
+        u = Spread.of(run_value(mt, "stop_rule", UPDATE, op) for op in mt.ops)
+        a = Spread.of(run_value(mt, "stop_rule", GRADIENT, op) for op in mt.ops)
+        p = Spread.of(run_value(mt, "stop_rule", per_op_key(op), op) for op in mt.ops)
         if u.n and a.n and p.n:
             verdict = ("so summing the ops' gradients does not hide the coupling in our runs; the optimizer's update "
                        "is what lowers it, which does not support the paper's reading" if (a.lo or 0) >= 0.5 * (p.lo or 0)
@@ -360,14 +381,14 @@ def coupling_phase_figure(res: Results, path: Path) -> Path | None:
     (the stop-rule run's snapshots are its first part), the band over analysis seeds, the phases shaded, the
     stop-rule step marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure as MplFigure
 
     from sed_lens import plots
 
     ops, seeds = res.ops, sorted({r.seed for r in res.single()})
     if not ops:
         return None
-    fig = Figure(figsize=(max(8.0, 4.2 * len(seeds)), 3.0 * len(ops) + 0.8), layout="constrained")
+    fig = MplFigure(figsize=(max(8.0, 4.2 * len(seeds)), 3.0 * len(ops) + 0.8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(ops), len(seeds), squeeze=False, sharey=True)
     for i, op in enumerate(ops):
@@ -389,9 +410,9 @@ def coupling_phase_figure(res: Results, path: Path) -> Path | None:
             stop = run.train.get("stop_step")
             if stop is not None and length == "post_grok":
                 ax.axvline(stop, color="gray", ls=":", lw=1, label="stop rule" if (i, j) == (0, 0) else None)
-            for key, c in ((f"gradient/{LEAD}", "tab:orange"), (f"update/{LEAD}", "tab:blue")):
+            for key, c in ((GRADIENT, "tab:orange"), (UPDATE, "tab:blue")):
                 xs, ys = run.series(length, op, key)
-                ax.plot(xs, ys, color=c, lw=1.2, label=key.split("/")[0] + " SED" if (i, j) == (0, 0) else None)
+                ax.plot(xs, ys, color=c, lw=1.2, label=key.source + " SED" if (i, j) == (0, 0) else None)
                 band = [run.series(length, op, key, a)[1] for a in run.analysis_seeds if a in run.scans.get(length, {})]
                 band = [b for b in band if len(b) == len(ys)]
                 if len(band) > 1:
@@ -417,10 +438,10 @@ def ablation_figure(res: Results, path: Path, kind: str) -> Path | None:
         return None
     if kind == "window":
         xs: Sequence[float] = WINDOWS
-        keys = [f"gradient/{LEAD}/W={w}" for w in WINDOWS]
+        keys = [window_key(w) for w in WINDOWS]
         paper, title, xlabel = PAPER_WINDOW, "Window ablation: peak R₁ of gradient SED", "window W (snapshots)"
     else:
-        xs, keys = EPSILONS, [fd_key(f"gradient/{LEAD}", e) for e in EPSILONS]
+        xs, keys = EPSILONS, [fd_key(GRADIENT, e) for e in EPSILONS]
         paper, title, xlabel = PAPER_EPS, "ε ablation: finite differences vs exact", "ε_rel"
     fig, ax = plots.new_figure(f"{title} ({ab.op}, seed {ab.seed})", xlabel, "peak R₁", (6.0, 4.0))
     for length, style in (("stop_rule", "o-"), ("post_grok", "s--")):
@@ -429,7 +450,7 @@ def ablation_figure(res: Results, path: Path, kind: str) -> Path | None:
             pts = [(x, v) for x, v in zip(xs, vals, strict=True) if v is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"sed_lens, {LENGTH_LABELS[length]}")
             if kind == "eps":
-                exact = ab.stat(length, ab.op, f"gradient/{LEAD}", "peak_R1")
+                exact = ab.stat(length, ab.op, GRADIENT, "peak_R1")
                 if exact is not None:
                     ax.axhline(exact, ls=":", color=ax.lines[-1].get_color(), label=f"exact, {LENGTH_LABELS[length]}")
     ax.plot(list(paper), list(paper.values()), "D", color="black", mfc="none", ms=7, label="paper")
@@ -463,19 +484,25 @@ def speedup_figure(res: Results, path: Path) -> Path | None:
     return plots.save_figure(fig, path)
 
 
-def figures(res: Results, directory: Path) -> list[tuple[str, Path]]:
-    directory.mkdir(parents=True, exist_ok=True)
-    made = [("R̄ over training, phases shaded", coupling_phase_figure(res, directory / "coupling_phases.png")),
-            ("window ablation", ablation_figure(res, directory / "window_ablation.png", "window")),
-            ("ε ablation", ablation_figure(res, directory / "eps_ablation.png", "eps")),
-            ("intervention speedups", speedup_figure(res, directory / "speedups.png"))]
+def figures(res: Results, directory: Path, reuse: Path | None = None) -> list[tuple[str, Path]]:
+    """The report's figures as (caption, path), drawn into ``directory``; with ``reuse``, a figure that directory
+    already holds is returned as it is instead of being drawn again."""
+    def draw(name: str, make: Callable[[Path], Path | None]) -> Path | None:
+        kept = reuse / name if reuse is not None else None
+        if kept is not None and kept.is_file():
+            return kept
+        directory.mkdir(parents=True, exist_ok=True)
+        return make(directory / name)
+
+    made = [("R̄ over training, phases shaded", draw("coupling_phases.png", lambda p: coupling_phase_figure(res, p))),
+            ("window ablation", draw("window_ablation.png", lambda p: ablation_figure(res, p, "window"))),
+            ("ε ablation", draw("eps_ablation.png", lambda p: ablation_figure(res, p, "eps"))),
+            ("intervention speedups", draw("speedups.png", lambda p: speedup_figure(res, p)))]
     return [(caption, p) for caption, p in made if p is not None]
 
 
 # --- the report ---------------------------------------------------------------------------------------------
 def protocol(res: Results) -> Blocks:
-    from sed_lens.report import Text
-
     single = res.single()
     if not single:
         return []
@@ -496,8 +523,6 @@ def protocol(res: Results) -> Blocks:
 
 
 def build(res: Results, figs: Sequence[tuple[str, Path]], meta: dict[str, Any]) -> Blocks:
-    from sed_lens.report import Figure, Heading, Text
-
     n_runs = len(res.coupling) + len(res.interventions)
     source, report = meta.get("source", "docs/reproduction/runs"), meta.get("report", "docs/REPRODUCTION.md")
     blocks: Blocks = [
@@ -522,29 +547,57 @@ def write_report(results_dir: str | Path, markdown: str | Path, meta: dict[str, 
     """Write the report of the compact results in ``results_dir``: ``markdown`` (figures in a folder beside it
     named after it, e.g. ``docs/reproduction/`` for ``docs/REPRODUCTION.md``) and the same as one self-contained
     HTML page (``.html`` beside it)."""
-    from sed_lens.report import Figure, Panels, Section, render_html, render_markdown_blocks
-
     res = load_results(results_dir)
     md = Path(markdown)
-    fig_dir = md.parent / md.stem.lower() / "figures"
-    figs = figures(res, fig_dir)
+    figs = figures(res, figure_dir(md))
     meta = dict(meta or {})
     meta.setdefault("source", str(results_dir))
     blocks = build(res, figs, meta)
-    title = "Reproducing Xu (2026) with sed_lens"
 
     def ref(f: Figure) -> str:
         return f.path.resolve().relative_to(md.parent.resolve()).as_posix()
 
-    md.write_text(f"# {title}\n\n" + render_markdown_blocks(blocks, ref) + "\n")
+    md.write_text(f"# {TITLE}\n\n" + render_markdown_blocks(blocks, ref) + "\n")
     html = md.with_suffix(".html")
     section = Section("Reproduction report", "reproduction", Path(results_dir), blocks, Panels())
     v = meta.get("versions") or {}
     generated = f"Generated {meta.get('date') or time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}" + (
         f" with Python {v['python']}, torch {v['torch']}, transformer-lens {v['transformer_lens']}, sed_lens "
         f"{v['sed_lens_commit']}" if v else "")
-    html.write_text(render_html(title, [section], generated))
+    html.write_text(render_html(TITLE, [section], generated))
     return [md, html]
+
+
+TITLE = "Reproducing Xu (2026) with sed_lens"
+
+
+def figure_dir(markdown: Path) -> Path:
+    """Where the figures of the report ``markdown`` go: a folder beside it named after it."""
+    return markdown.parent / markdown.stem.lower() / "figures"
+
+
+def output_section(out_dir: Path, figures_to: Path) -> Section:
+    """The section of a reproduction output directory in ``python -m sed_lens.report``: the blocks of its report,
+    built again from the kept results its reproduction.json names (else ``OUT/results``), with the figures its
+    report holds (those missing are drawn into ``figures_to``)."""
+    data = load_json(out_dir / "reproduction.json")
+    meta = dict(data.get("meta") or {})
+    named = [Path(meta["source"])] if meta.get("source") else []
+    results = next((d for d in [*named, out_dir / "results"] if d.is_dir()), None)
+    if results is None:
+        raise SedLensError(f"{out_dir} is a reproduction output directory, but the results its report is built from "
+                           f"({', '.join(str(d) for d in [*named, out_dir / 'results'])}) are not there.")
+    res = load_results(results)
+    reports = [Path(p) for p in data.get("report", []) if str(p).endswith(".md")]
+    kept = next((d for d in [*(figure_dir(p) for p in reports), figure_dir(out_dir / "REPRODUCTION.md")] if d.is_dir()),
+                None)
+    figs = [(caption if kept is not None and p.parent == kept else f"{caption} (regenerated from the results)", p)
+            for caption, p in figures(res, figures_to, reuse=kept)]
+    blocks = build(res, figs, meta)
+    cells = out_dir / "coupling" / "cells"
+    runs = sorted(d for d in cells.iterdir() if d.is_dir()) if cells.is_dir() else []
+    return Section(TITLE, "reproduction", out_dir, blocks,
+                   Panels(wandb_ids(*runs), metric_plots(metric_keys(*(d / "metrics.jsonl" for d in runs)))))
 
 
 def claim_numbers(res: Results) -> dict[str, Any]:
@@ -554,8 +607,8 @@ def claim_numbers(res: Results) -> dict[str, Any]:
     for length in LENGTHS:
         rs = gradient_over_update(res, length)
         out[f"gradient_over_update_min/{length}"] = rs.lo
-    per_op = Spread.of(ratio_of(run_value(mt, "stop_rule", f"task_gradient/{op}/{LEAD}", op),
-                                run_value(mt, "stop_rule", f"update/{LEAD}", op)) for mt in res.multitask for op in mt.ops)
+    per_op = Spread.of(ratio_of(run_value(mt, "stop_rule", per_op_key(op), op),
+                                run_value(mt, "stop_rule", UPDATE, op)) for mt in res.multitask for op in mt.ops)
     out["per_op_over_aggregated_min"] = per_op.lo
     keeps = Spread.of(s["speedup"] for op, m in res.intervention_grids() for c, s in speedups(res.grid(op, m)).items()
                       if c in ("C", "E"))

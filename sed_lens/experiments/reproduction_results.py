@@ -3,7 +3,8 @@
 
 A coupling run holds its training summary and curves and, per run length (``stop_rule``: the published protocol,
 stopped by its stop rule; ``post_grok``: the same trajectory trained on past it) and per analysis seed, the R_j and
-R̄ series over the measured snapshots and their summary (peak, final, phase medians). An intervention run holds
+R̄ series over the measured snapshots and their summary (peak, final, phase medians), per op and measured key
+(a :class:`~sed_lens.analysis.scan_key.ScanKey`, read from its JSON string once, here). An intervention run holds
 its condition, projection method, grok step and accuracy curve. What a run is comes from its config, never from its
 name.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sed_lens.analysis.scan_key import ScanKey, parse_keys
 from sed_lens.errors import SedLensError, check
 
 LENGTHS = ("stop_rule", "post_grok")
@@ -67,7 +69,7 @@ class CouplingRun:
     seed: int
     config: dict[str, Any]
     train: dict[str, Any]
-    scans: dict[str, dict[int, dict[str, Any]]]  # length → analysis seed → compact scan
+    scans: dict[str, dict[int, dict[str, Any]]]  # length → analysis seed → compact scan, series and summary typed
     history: dict[str, list[Any]]
     timings: dict[str, Any]
 
@@ -92,20 +94,20 @@ class CouplingRun:
     def analysis_seeds(self) -> list[int]:
         return sorted(self.scans.get("stop_rule", {}))
 
-    def stat(self, length: str, op: str, key: str, what: str = "peak_R_mean", seed: int = 0) -> float | None:
+    def stat(self, length: str, op: str, key: ScanKey, what: str = "peak_R_mean", seed: int = 0) -> float | None:
         """One summary number (``peak_R_mean``, ``peak_R1``, ``final_R_mean``, …) of a key, or None if not measured."""
         s = self.scans.get(length, {}).get(seed, {}).get("summary", {}).get(op, {}).get(key)
         return None if s is None else s.get(what)
 
-    def over_seeds(self, length: str, op: str, key: str, what: str = "peak_R_mean") -> Spread:
+    def over_seeds(self, length: str, op: str, key: ScanKey, what: str = "peak_R_mean") -> Spread:
         """The number over every analysis seed that measured the key."""
         return Spread.of(self.stat(length, op, key, what, a) for a in self.scans.get(length, {}))
 
-    def phase_medians(self, length: str, op: str, key: str, seed: int = 0) -> dict[str, float | None]:
+    def phase_medians(self, length: str, op: str, key: ScanKey, seed: int = 0) -> dict[str, float | None]:
         s = self.scans.get(length, {}).get(seed, {}).get("summary", {}).get(op, {}).get(key) or {}
         return dict(s.get("phase_median_R_mean") or {})
 
-    def series(self, length: str, op: str, key: str, seed: int = 0) -> tuple[list[int], list[float]]:
+    def series(self, length: str, op: str, key: ScanKey, seed: int = 0) -> tuple[list[int], list[float]]:
         s = self.scans.get(length, {}).get(seed, {}).get("series", {}).get(op, {}).get(key)
         return ([], []) if s is None else (list(s["step"]), list(s["R_mean"]))
 
@@ -186,12 +188,18 @@ class Results:
         return sum(r.worker_s for r in self.coupling) + sum(r.wall_s for r in self.interventions)
 
 
+def _typed_scan(scan: dict[str, Any]) -> dict[str, Any]:
+    """A compact scan as read from JSON with its per-op series and summaries keyed by :class:`ScanKey`."""
+    return {**scan, "series": {op: parse_keys(by_key) for op, by_key in scan.get("series", {}).items()},
+            "summary": {op: parse_keys(by_key) for op, by_key in scan.get("summary", {}).items()}}
+
+
 def _coupling(path: Path, data: dict[str, Any]) -> CouplingRun:
     s = data["summary"]
     check("scans" in s, f"{path} holds coupling results written before sed_lens kept every scan (no 'scans'); "
                         "rerun the reproduction to regenerate it.")
     g = data["config"]["grokking"]
-    scans = {length: {int(a): scan for a, scan in by_seed.items()} for length, by_seed in s["scans"].items()}
+    scans = {length: {int(a): _typed_scan(scan) for a, scan in by_seed.items()} for length, by_seed in s["scans"].items()}
     train, extra = s["train"], g.get("train", {}).get("post_grok_steps", 0)
     if ("post_grok" not in scans and extra and train.get("stop_step") is not None and train.get("cross_step") is not None
             and train["stop_step"] >= train["cross_step"] + extra):

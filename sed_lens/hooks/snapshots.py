@@ -13,10 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from sed_lens.errors import check
+from sed_lens.serialization import load as load_file
+from sed_lens.serialization import save as save_file
 from sed_lens.training import Callback, Trainer
 
 State = dict[str, Tensor]
@@ -52,7 +53,7 @@ class SnapshotStore(Callback):
         state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            torch.save(state, self.directory / f"step_{trainer.step:06d}.pt")
+            save_file(state, self.directory / f"step_{trainer.step:06d}.pt")
         else:
             self._states.append(state)
         self.steps.append(trainer.step)
@@ -63,7 +64,8 @@ class SnapshotStore(Callback):
     def state(self, i: int) -> State:
         """The ``i``-th stored state."""
         if self.directory is not None:
-            return torch.load(self.directory / f"step_{self.steps[i]:06d}.pt", weights_only=True)  # type: ignore[no-any-return]
+            state: State = load_file(self.directory / f"step_{self.steps[i]:06d}.pt")
+            return state
         return self._states[i]
 
     def __iter__(self) -> Iterator[tuple[int, State]]:
