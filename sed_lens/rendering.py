@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from markdown_it import MarkdownIt
+
 from sed_lens.errors import SedLensError
 from sed_lens.tracking import read_jsonl
 
@@ -182,11 +184,13 @@ figcaption{color:#5b6570;font-size:.88em}details{margin:.8em 0}summary{cursor:po
 
 
 def inline_html(text: str) -> str:
-    """Escaped ``text`` with Markdown's inline ``**bold**``, ``*italic*`` and ```code``` as HTML."""
-    out = html.escape(text, quote=False)
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
-    out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
-    return re.sub(r"(?<![*\w])\*([^*\s][^*]*)\*(?![*\w])", r"<em>\1</em>", out)
+    """``text`` — the inline Markdown of a Text block or table cell — as HTML, rendered by markdown-it-py (the
+    CommonMark reference rules, so the HTML page shows what GitHub shows for the Markdown report; raw HTML in the
+    text is escaped, never passed through)."""
+    return _MARKDOWN.renderInline(text)
+
+
+_MARKDOWN = MarkdownIt("commonmark", {"html": False})
 
 
 def html_block(b: Block) -> str:

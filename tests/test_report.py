@@ -227,7 +227,10 @@ def test_a_new_kind_of_directory_is_one_function(tmp_path):
 
 def test_list_items_and_inline_markup_become_html_and_code_is_shown_as_it_is():
     assert rendering.html_block(rendering.Text("- **one** item")) == "<ul><li><strong>one</strong> item</li></ul>"
-    assert rendering.inline_html("**b** *i* `c<d` 2*3*4 a*b") == "<strong>b</strong> <em>i</em> <code>c&lt;d</code> 2*3*4 a*b"
+    # CommonMark's rules (what GitHub shows for the Markdown report): 2*3*4 is an emphasis there too
+    assert rendering.inline_html("**b** *i* `c<d` 2*3*4 a*b") == "<strong>b</strong> <em>i</em> <code>c&lt;d</code> 2<em>3</em>4 a*b"
+    assert rendering.inline_html("R < 1 & <script>x</script> [doc](a.md)") == (
+        'R &lt; 1 &amp; &lt;script&gt;x&lt;/script&gt; <a href="a.md">doc</a>')
     code = rendering.Code("| a |\n```x```\n", "notes.md")
     assert rendering.html_block(code) == '<p class="meta">notes.md</p><pre><code>| a |\n```x```</code></pre>'
     assert rendering.render_markdown_blocks([code], None) == "**notes.md**\n\n````\n| a |\n```x```\n````"

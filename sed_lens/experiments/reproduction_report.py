@@ -53,7 +53,8 @@ PAPER_MUL = {42: 327.0, 137: 101.0, 2024: 217.0}
 PAPER_WINDOW: dict[float, float] = {1: 648.0, 20: 212.0, 40: 140.0}
 PAPER_EPS: dict[float, float] = {0.001: 221.0, 0.005: 212.0, 0.05: 74.0}
 PAPER_MULTITASK_PER_OP = {"add": 31.5, "sub": 44.9, "mul": 23.8, "sq": 21.8}
-PAPER_INTERVENTION: dict[tuple[str, str], dict[str, tuple[float | None, float]]] = {("add", "gradient"): {"A": (3358, 1.00), "B": (3300, 1.02), "C": (1525, 2.20),
+PaperSpeedups = dict[tuple[str, str], dict[str, tuple[float | None, float]]]  # (op, method) → condition → (grok step, speedup)
+PAPER_INTERVENTION: PaperSpeedups = {("add", "gradient"): {"A": (3358, 1.00), "B": (3300, 1.02), "C": (1525, 2.20),
                                             "D": (3358, 1.00), "E": (1425, 2.36)},
                       ("add", "update"): {"B": (None, 1.21)}}
 CONDITION_LABELS = {"A": "control", "B": "remove SED", "C": "keep SED", "D": "remove random", "E": "keep random"}
@@ -253,7 +254,7 @@ def claims(res: Results) -> Blocks:
         if rs.n:
             out.append(Text(f"- Gradient SED couples far more strongly than update SED ({LENGTH_LABELS[length]}): the "
                             f"gradient/update peak ratio is {fmt(rs.lo)}–{fmt(rs.hi)}× over {rs.n} run{'s' if rs.n != 1 else ''} "
-                            f"({'holds' if rs.lo is not None and rs.lo >= 10 else 'holds only partly'}: the paper's claim is 1–2 orders of magnitude)."))
+                            f"({'holds' if (rs.lo or 0) >= 10 else 'holds only partly'}: the paper's claim is 1–2 orders of magnitude)."))
     for mt in res.multitask:
         ratios = [ratio_of(run_value(mt, "stop_rule", per_op_key(op), op),
                            run_value(mt, "stop_rule", UPDATE, op)) for op in mt.ops]
