@@ -16,12 +16,15 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard, TypeVar
 
 from sed_lens.configs import describe, fits, flag
 from sed_lens.errors import SedLensError
 
-C = TypeVar("C")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -64,20 +67,25 @@ def _group(cls: type, name: str) -> str | None:
     return None
 
 
-def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any, str | None]]:
+def _is_dataclass_type(tp: Any) -> TypeGuard[type[DataclassInstance]]:
+    """Whether the annotation ``tp`` is a dataclass (a nested config), not a dataclass instance."""
+    return dataclasses.is_dataclass(tp) and isinstance(tp, type)
+
+
+def _fields(cls: type[DataclassInstance]) -> list[tuple[dataclasses.Field[Any], Any, str | None]]:
     """Leaf fields of a (possibly nested) config dataclass, with their resolved types and ``--help`` groups."""
     hints = typing.get_type_hints(cls)
     out: list[tuple[dataclasses.Field[Any], Any, str | None]] = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out.extend(_fields(tp))  # type: ignore[arg-type]
+        if _is_dataclass_type(tp):
+            out.extend(_fields(tp))
         elif f.metadata.get("cli", True):
             out.append((f, tp, _group(cls, f.name)))
     return out
 
 
-def parser_for(cls: type, prog: str, description: str, epilog: str | None = None) -> ArgumentParser:
+def parser_for(cls: type[DataclassInstance], prog: str, description: str, epilog: str | None = None) -> ArgumentParser:
     """An :class:`ArgumentParser` with one flag per field of the config dataclass ``cls``."""
     ap = ArgumentParser(prog=prog, description=description, epilog=epilog,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,7 +95,12 @@ def parser_for(cls: type, prog: str, description: str, epilog: str | None = None
     for f, tp, group in _fields(cls):
         meta = f.metadata
         flags = [flag(f.name), *meta.get("aliases", ())]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise TypeError(f"config field {f.name!r} needs a default to become a flag")
         kw: dict[str, Any] = {"help": meta.get("help", ""), "dest": f.name, "default": argparse.SUPPRESS}
         scalar = _scalar_type(tp)
         if typing.get_origin(scalar) is typing.Literal:
@@ -117,10 +130,10 @@ def config_from_args(cls: type[C], ns: argparse.Namespace) -> C:
     given = vars(ns)
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = config_from_args(tp, ns)  # type: ignore[arg-type]
+        if _is_dataclass_type(tp):
+            kwargs[f.name] = config_from_args(tp, ns)
         elif f.name in given:
             kwargs[f.name] = given[f.name]
     return cls(**kwargs)
@@ -134,14 +147,14 @@ def config_from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     if not isinstance(data, dict):
         raise SedLensError(f"{where or cls.__name__} must be a dict of {cls.__name__} fields, got {data!r}.")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         inside = f" in {where!r}" if where else ""
         raise SedLensError(f"unknown {cls.__name__} field(s){inside}: {', '.join(map(str, unknown))} "
                            "(a config written by another version of sed_lens?).")
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         if f.name not in data:
             continue
         value, tp, key = data[f.name], hints[f.name], f"{where}.{f.name}" if where else f.name

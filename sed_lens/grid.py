@@ -83,7 +83,7 @@ def resolve(target: str) -> Callable[[dict[str, Any], str], dict[str, Any]]:
     module, _, fn = target.partition(":")
     check(bool(module and fn), f"a cell target must look like 'package.module:function', got {target!r}.")
     try:
-        return getattr(importlib.import_module(module), fn)  # type: ignore[no-any-return]
+        return getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError) as e:
         raise SedLensError(f"cannot import cell target {target!r}: {e}.") from None
 
@@ -94,7 +94,7 @@ def is_complete(run_dir: str | Path) -> bool:
 
 def load_cell(run_dir: str | Path) -> dict[str, Any]:
     """``{"name", "target", "config", "summary"}`` of a complete cell."""
-    return json.loads((Path(run_dir) / MARKER).read_text())  # type: ignore[no-any-return]
+    return json.loads((Path(run_dir) / MARKER).read_text())
 
 
 def execute_cell(cell: Cell, run_dir: str, threads: int | None = 1) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def execute_cell(cell: Cell, run_dir: str, threads: int | None = 1) -> dict[str,
     summary = to_jsonable(summary if summary is not None else {})
     write_json(path / MARKER, {"name": cell.name, "target": cell.target, "config": to_jsonable(cell.config),
                                "summary": summary})
-    return summary  # type: ignore[no-any-return]
+    return summary
 
 
 def die_with_parent(parent: int) -> None:

@@ -14,7 +14,8 @@ d_model]`` positional parameter, a pre-norm ``nn.TransformerEncoder``, a final `
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -41,7 +42,8 @@ class TorchTransformer(nn.Module):
         layer = nn.TransformerEncoderLayer(d_model, n_heads, d_mlp, dropout=0.0, activation=act_fn,
                                            batch_first=True, norm_first=True)
         if not layer_norm:
-            layer.norm1, layer.norm2 = nn.Identity(), nn.Identity()  # type: ignore[assignment]
+            # torch annotates norm1/norm2 as LayerNorm; putting Identity there is how this variant drops them
+            cast(Any, layer).norm1, cast(Any, layer).norm2 = nn.Identity(), nn.Identity()
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.ln = nn.LayerNorm(d_model) if layer_norm else nn.Identity()
         self.heads = nn.ModuleList(nn.Linear(d_model, n) for n in head_sizes)
@@ -70,7 +72,7 @@ def hooked_state_dict(ref: TorchTransformer) -> dict[str, Tensor]:
     n_heads = ref.n_heads
     d_head = d_model // n_heads
     out: dict[str, Tensor] = {"embed.W_E": ref.tok_emb.weight, "pos_embed.W_pos": ref.pos_emb}
-    layers: Sequence[nn.TransformerEncoderLayer] = ref.encoder.layers  # type: ignore[assignment]
+    layers: Sequence[nn.TransformerEncoderLayer] = ref.encoder.layers
     for i, layer in enumerate(layers):
         attn = layer.self_attn
         w_in = attn.in_proj_weight.view(3, n_heads, d_head, d_model)  # [qkv, head, d_head, d_model]
@@ -93,7 +95,7 @@ def hooked_state_dict(ref: TorchTransformer) -> dict[str, Tensor]:
     if isinstance(ref.ln, nn.LayerNorm):
         out["ln_final.w"] = ref.ln.weight
         out["ln_final.b"] = ref.ln.bias
-    heads: Sequence[nn.Linear] = ref.heads  # type: ignore[assignment]
+    heads = cast(Iterable[nn.Linear], ref.heads)  # nn.ModuleList is untyped; __init__ fills it with nn.Linear only
     out["unembed.W_U"] = torch.cat([h.weight for h in heads], dim=0).T
     out["unembed.b_U"] = torch.cat([h.bias for h in heads], dim=0)
     return {k: v.detach().clone().contiguous() for k, v in out.items()}

@@ -24,11 +24,12 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, TypeGuard
 
 import numpy as np
 
-from sed_lens.configs import WANDB_MODES
+from sed_lens.configs import WANDB_MODES, WandbMode
 from sed_lens.errors import SedLensError, check
 
 
@@ -154,6 +155,10 @@ def default_run_dir(experiment: str, name: str, root: str | Path = "runs") -> Pa
     return path
 
 
+def _is_wandb_mode(mode: str) -> TypeGuard[WandbMode]:
+    return mode in WANDB_MODES
+
+
 class Run:
     """One run: a directory of local files, mirrored to a W&B run.
 
@@ -173,10 +178,11 @@ class Run:
     def __init__(self, run_dir: str | Path, config: Mapping[str, Any], *, wandb_mode: str = "offline",
                  project: str = "sed-lens", name: str | None = None, group: str | None = None,
                  job_type: str | None = None, tags: tuple[str, ...] = (), resume: bool = False) -> None:
-        check(wandb_mode in WANDB_MODES, f"unknown W&B mode {wandb_mode!r}; choose from {', '.join(WANDB_MODES)}.")
+        if not _is_wandb_mode(wandb_mode):
+            raise SedLensError(f"unknown W&B mode {wandb_mode!r}; choose from {', '.join(WANDB_MODES)}.")
         self.dir = Path(run_dir)
         self.config = to_jsonable(dict(config))
-        self.wandb_mode = wandb_mode
+        self.wandb_mode: WandbMode = wandb_mode
         self.name = name or self.dir.name
         if resume:
             check(self.dir.exists(), f"cannot resume: run directory {self.dir} does not exist.")
@@ -229,9 +235,9 @@ class Run:
 
         os.environ.setdefault("WANDB_SILENT", "true")
 
-        def init(mode: str) -> Any:
+        def init(mode: WandbMode) -> Any:
             return wandb.init(
-                mode=mode,  # type: ignore[arg-type]
+                mode=mode,
                 dir=str(self.dir), project=project, name=name, group=group, job_type=job_type,
                 tags=list(tags), config=self.config, id=self.wandb_id, resume="allow" if resume else None,
                 reinit="create_new",
@@ -408,8 +414,8 @@ class Run:
 
 
 def log_summary_run(root: str | Path, name: str, config: Mapping[str, Any], *, wandb_mode: str, project: str,
-                    job_type: str, tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[Any]]]] = (),  # type: ignore[assignment]
-                    images: Mapping[str, str | Path] = (), files: Sequence[str | Path] = (),  # type: ignore[assignment]
+                    job_type: str, tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[Any]]]] = MappingProxyType({}),
+                    images: Mapping[str, str | Path] = MappingProxyType({}), files: Sequence[str | Path] = (),
                     summary: Mapping[str, Any] | None = None) -> Run | None:
     """An experiment's aggregate as its own small W&B run (local directory ROOT/summary/NAME-TIME): ``tables``
     ``{key: (columns, rows)}``, ``images`` ``{key: png}``, and ``files`` as one artifact. None when W&B is disabled."""

@@ -20,7 +20,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sed_lens.errors import check
 
@@ -88,7 +88,8 @@ def read_records(path: str | Path) -> list[Any]:
         pos += 7 + length
         chunks += chunk
         if kind in (_FULL, _LAST):
-            rec = pb.Record()  # type: ignore[attr-defined]
+            # wandb's protobuf module builds its message classes at import time: mypy cannot see them
+            rec = cast(Any, pb).Record()
             rec.ParseFromString(chunks)
             records.append(rec)
             chunks = b""

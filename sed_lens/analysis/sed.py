@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -78,8 +79,12 @@ class RollingSED:
             rtol = 2e-3 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-6
         self.window, self.k, self.rtol, self.dtype = window, k, rtol, dtype
         self.track_overlap = track_overlap
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty the window (the settings stay)."""
         self._x: Tensor | None = None  # [W, P] ring buffer
-        self._g = torch.zeros(window, window, dtype=torch.float64)  # Gram matrix of the ring buffer slots
+        self._g = torch.zeros(self.window, self.window, dtype=torch.float64)  # Gram matrix of the ring buffer slots
         self._next = 0  # slot the next push overwrites
         self.n_pushed = 0
         self._cache: SEDBasis | None = None
@@ -140,9 +145,6 @@ class RollingSED:
         self.n_pushed += 1
         self._cache = None
 
-    def reset(self) -> None:
-        self.__init__(self.window, self.k, self.rtol, self.dtype, self.track_overlap)  # type: ignore[misc]
-
     # --- results -----------------------------------------------------------------------------------------
     def basis(self) -> SEDBasis:
         """Directions and spectrum of the current window (cached until the next push)."""
@@ -180,14 +182,14 @@ class RollingSED:
             return None
         return subspace_overlap(self.previous, self.directions())
 
-    def state_dict(self) -> dict[str, object]:
+    def state_dict(self) -> dict[str, Any]:
         return {"window": self.window, "k": self.k, "x": self._x, "g": self._g, "next": self._next,
                 "n_pushed": self.n_pushed, "previous": self.previous}
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        self._x, self._g = state["x"], state["g"]  # type: ignore[assignment]
-        self._next, self.n_pushed = int(state["next"]), int(state["n_pushed"])  # type: ignore[call-overload]
-        self.previous = state["previous"]  # type: ignore[assignment]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._x, self._g = state["x"], state["g"]
+        self._next, self.n_pushed = int(state["next"]), int(state["n_pushed"])
+        self.previous = state["previous"]
         self._cache = None
 
 

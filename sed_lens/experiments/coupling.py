@@ -639,7 +639,7 @@ def run(cfg: CouplingConfig) -> dict[str, Any]:
                 "skipped": sum(r.skipped for r in results)}
     done = {r.name: r.summary for r in results if r.summary is not None}
     couplings = {r.name: json.loads((Path(r.run_dir) / "coupling.json").read_text()) for r in results}
-    md, agg = tables(cfg, done)  # type: ignore[arg-type]
+    md, agg = tables(cfg, done)
     figs = figures(cfg, out, couplings, agg)
     md += "\n## Figures\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figs) + "\n"
     (out / "coupling.md").write_text(md)
