@@ -74,6 +74,34 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+@dataclass(frozen=True)
+class SequencePreset:
+    """An attention-only causal architecture for a sequence task (:class:`sed_lens.task.SequenceTask`): the
+    task fixes vocabulary, context and the readout positions; the preset the rest."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    layer_norm: bool
+    description: str
+
+
+SEQUENCE_PRESETS: dict[str, SequencePreset] = {
+    "olsson2022": SequencePreset("olsson2022", 2, 64, 4, 16, True,
+                                 "Olsson et al. (2022): 2-layer attention-only causal transformer (LayerNorm, "
+                                 "learned positions), logits read at the task's readout positions"),
+}
+"""Presets for sequence tasks (the induction task); :data:`PRESETS` holds the modular-arithmetic ones."""
+
+
+def get_sequence_preset(name: str) -> SequencePreset:
+    if name not in SEQUENCE_PRESETS:
+        raise SedLensError(f"unknown preset {name!r}; choose from {', '.join([*PRESETS, *SEQUENCE_PRESETS])}.")
+    return SEQUENCE_PRESETS[name]
+
+
 # --- checking values against annotations ------------------------------------------------------------------------
 def flag(name: str) -> str:
     """The command-line flag of a config field: ``train_frac`` → ``--train-frac``."""
@@ -176,9 +204,12 @@ class Config:
     extend :meth:`validate`, each checking its own fields and calling ``super().validate()``.
     """
 
+    if typing.TYPE_CHECKING:  # every Config is a dataclass: tell the type checker (dataclasses.fields takes it)
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
     def __post_init__(self) -> None:
         hints = type_hints(type(self))
-        for f in fields(self):  # type: ignore[arg-type]
+        for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, list) and _tuple_item(hints[f.name]) is not None:
                 object.__setattr__(self, f.name, tuple(value))
@@ -189,7 +220,7 @@ class Config:
         changing a field in place. This base checks each value against its annotation (choices included) and
         validates the nested configs; subclasses add their checks after ``super().validate()``."""
         hints = type_hints(type(self))
-        for f in fields(self):  # type: ignore[arg-type]
+        for f in fields(self):
             value, tp = getattr(self, f.name), hints[f.name]
             if not fits(tp, value):
                 raise SedLensError(_bad_value(f, tp, value))
@@ -398,4 +429,4 @@ class GridOptions(Config):
 def shared(cfg: Any, *pieces: type[Config]) -> dict[str, Any]:
     """The values ``cfg`` holds for the fields that ``pieces`` declare, to hand on to a config made of the same
     pieces: ``GrokkingConfig(ops=..., **shared(cfg, ModelOptions))``."""
-    return {f.name: getattr(cfg, f.name) for piece in pieces for f in fields(piece)}  # type: ignore[arg-type]
+    return {f.name: getattr(cfg, f.name) for piece in pieces for f in fields(piece)}

@@ -4,6 +4,9 @@ A model reads its logits at one position (the *readout position*); a multitask m
 realised as a single unembedding with ``n_ops · n_classes`` outputs sliced per op. Both facts are metadata the
 model carries (:class:`Readout`, attached by :func:`set_readout`), so callers never hard-code them. A user's own
 ``HookedTransformer`` without that metadata reads at the last position with a single head over all outputs.
+A sequence task (:class:`~sed_lens.task.SequenceTask`, e.g. the induction task) is read at several positions at
+once — the sequence presets (:data:`SEQUENCE_PRESETS`, attention-only, :func:`build_sequence_model`) read at the
+task's ``readout_positions`` — and its logits and labels carry a positions axis.
 """
 
 from __future__ import annotations
@@ -14,25 +17,52 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sed_lens.configs import INITS, PRESETS, Preset, get_preset  # noqa: F401 - defined torch-free for the CLIs
+from sed_lens.configs import (  # noqa: F401 - defined torch-free for the CLIs
+    INITS,
+    PRESETS,
+    SEQUENCE_PRESETS,
+    Preset,
+    SequencePreset,
+    get_preset,
+    get_sequence_preset,
+)
 from sed_lens.errors import SedLensError, check
 from sed_lens.serialization import plain
+from sed_lens.task import SequenceTask, Task, cross_entropy
 from sed_lens.tasks import ModularArithmetic
 from sed_lens.torch_reference import TorchTransformer, hooked_state_dict
 
 
 @dataclass(frozen=True)
 class Readout:
-    """Where a model's predictions are read: logits at ``position``, ``n_classes`` consecutive outputs per op."""
+    """Where a model's predictions are read: logits at ``position``, ``n_classes`` consecutive outputs per op.
 
-    position: int
+    ``position`` is one position (logits ``[batch, n_outputs]``, e.g. modular arithmetic) or a tuple of positions
+    (logits ``[batch, n_pos, n_outputs]``, e.g. the second half of an induction sequence)."""
+
+    position: int | tuple[int, ...]
     ops: tuple[str, ...]
     n_classes: int
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        """The readout positions as a tuple (one entry for a single position)."""
+        return self.position if isinstance(self.position, tuple) else (self.position,)
+
+    @property
+    def multi_position(self) -> bool:
+        """Whether the logits carry a positions axis (``position`` is a tuple)."""
+        return isinstance(self.position, tuple)
+
+    def select(self, logits: Float[Tensor, "batch pos d_vocab_out"]) -> Tensor:
+        """The logits of every position → those at the readout: ``[batch, n_out]`` or ``[batch, n_pos, n_out]``."""
+        if isinstance(self.position, tuple):
+            return logits[:, list(self.position)]
+        return logits[:, self.position]
 
     def slice(self, op: str | None = None) -> slice:
         """The output slice of ``op`` (the only head if ``op`` is None and there is one)."""
@@ -58,17 +88,21 @@ _READOUT_SLOT = "_sed_lens_readout"
 _PRESET_SLOT = "_sed_lens_preset"
 
 
-def set_readout(model: HookedTransformer, position: int, ops: Sequence[str] = ("y",),
+def set_readout(model: HookedTransformer, position: int | Sequence[int], ops: Sequence[str] = ("y",),
                 n_classes: int | None = None) -> Readout:
-    """Attach readout metadata to a user's ``HookedTransformer`` (position, op names, classes per op)."""
+    """Attach readout metadata to a user's ``HookedTransformer`` (position — or a sequence of positions, read
+    together —, op names, classes per op)."""
     ops = tuple(ops)
     n_out = model.cfg.d_vocab_out
     n_classes = n_out // len(ops) if n_classes is None else n_classes
     check(len(ops) >= 1, "a readout needs at least one op.")
     check(n_classes * len(ops) <= n_out, f"{len(ops)} heads × {n_classes} classes exceed the model's {n_out} outputs.")
-    check(-model.cfg.n_ctx <= position < model.cfg.n_ctx,
-          f"readout position {position} is outside the model's context of {model.cfg.n_ctx}.")
-    r = Readout(position, ops, n_classes)
+    pos: int | tuple[int, ...] = position if isinstance(position, int) else tuple(int(p) for p in position)
+    check(isinstance(pos, int) or len(pos) >= 1, "a readout needs at least one position.")
+    for p in (pos,) if isinstance(pos, int) else pos:
+        check(-model.cfg.n_ctx <= p < model.cfg.n_ctx,
+              f"readout position {p} is outside the model's context of {model.cfg.n_ctx}.")
+    r = Readout(pos, ops, n_classes)
     setattr(model, _READOUT_SLOT, r)
     return r
 
@@ -142,12 +176,45 @@ def torch_reference(preset: str | Preset, task: ModularArithmetic, seed: int) ->
                                 causal=pr.attention_dir == "causal", readout_position=pr.readout_position)
 
 
-def build_model(preset: str = "xu2026", task: ModularArithmetic | None = None, *, init: str | None = None,
+def sequence_config(preset: str | SequencePreset, task: SequenceTask,
+                    device: str | torch.device = "cpu") -> HookedTransformerConfig:
+    """The attention-only, causal ``HookedTransformerConfig`` of a sequence ``preset`` sized for ``task``."""
+    pr = get_sequence_preset(preset) if isinstance(preset, str) else preset
+    return HookedTransformerConfig(
+        n_layers=pr.n_layers, d_model=pr.d_model, n_heads=pr.n_heads, d_head=pr.d_head, attn_only=True,
+        normalization_type="LN" if pr.layer_norm else None, attention_dir="causal",
+        n_ctx=task.n_ctx, d_vocab=task.d_vocab, d_vocab_out=task.n_classes * len(task.ops),
+        positional_embedding_type="standard", device=str(device), seed=None,
+    )
+
+
+def build_sequence_model(preset: str | SequencePreset, task: Task, *, init: str | None = None, seed: int = 0,
+                         device: str | torch.device = "cpu") -> HookedTransformer:
+    """An attention-only ``HookedTransformer`` of the sequence ``preset`` (see :data:`SEQUENCE_PRESETS`) for
+    ``task`` (a :class:`~sed_lens.task.SequenceTask`), reading logits at ``task.readout_positions``;
+    TransformerLens' initialisation under ``seed``. ``preset`` may be a :class:`SequencePreset` of your own."""
+    pr = get_sequence_preset(preset) if isinstance(preset, str) else preset
+    check(isinstance(task, SequenceTask),
+          f"preset {pr.name!r} needs a sequence task with readout positions (e.g. InductionTask), got "
+          f"{type(task).__name__}.")
+    assert isinstance(task, SequenceTask)
+    check(init in (None, "tl"), f"preset {pr.name!r} has no PyTorch-reference model; use init='tl', not {init!r}.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = new_hooked_transformer(sequence_config(pr, task, device))
+    set_readout(model, task.readout_positions, task.ops, task.n_classes)
+    set_preset_info(model, PresetInfo(pr.name, "tl", seed))
+    return model
+
+
+def build_model(preset: str = "xu2026", task: Task | None = None, *, init: str | None = None,
                 seed: int = 0, device: str | torch.device = "cpu") -> HookedTransformer:
     """A ``HookedTransformer`` of ``preset`` for ``task``, with its :class:`Readout` attached.
 
     Args:
-        preset: ``"xu2026"`` or ``"nanda2023"`` (see :data:`PRESETS`).
+        preset: ``"xu2026"`` or ``"nanda2023"`` (see :data:`PRESETS`) for a :class:`ModularArithmetic` task, or
+            a sequence preset (``"olsson2022"``, see :data:`SEQUENCE_PRESETS`: :func:`build_sequence_model`) for a
+            :class:`~sed_lens.task.SequenceTask` such as ``InductionTask``.
         task: fixes vocabulary, context and the heads (one per op); defaults to the preset's ``add`` mod 97.
         init: ``"torch"`` starts from PyTorch's default initialisation of the equivalent
             ``nn.TransformerEncoder`` model (xavier-uniform packed QKV, zero attention biases, ``nn.Linear``
@@ -155,8 +222,16 @@ def build_model(preset: str = "xu2026", task: ModularArithmetic | None = None, *
             TransformerLens' initialisation. Default: the preset's (``torch`` for xu2026, ``tl`` for nanda2023).
         seed: the random seed of the initialisation (the global RNG state is left untouched).
     """
+    if preset in SEQUENCE_PRESETS:
+        check(task is not None, f"preset {preset!r} needs its task (e.g. InductionTask()).")
+        assert task is not None
+        return build_sequence_model(preset, task, init=init, seed=seed, device=device)
     pr = get_preset(preset)
     task = task if task is not None else ModularArithmetic(layout=pr.layout)
+    check(isinstance(task, ModularArithmetic),
+          f"preset {preset!r} is built for ModularArithmetic tasks, got {type(task).__name__}; "
+          f"sequence presets: {', '.join(SEQUENCE_PRESETS)}.")
+    assert isinstance(task, ModularArithmetic)
     init = pr.default_init if init is None else init
     check(init in INITS, f"unknown init {init!r}; choose from {', '.join(INITS)}.")
     cfg = hooked_config(pr, task, device=device)
@@ -180,15 +255,16 @@ def build_model(preset: str = "xu2026", task: ModularArithmetic | None = None, *
 
 # --- readout ------------------------------------------------------------------------------------------------
 def readout_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab_out"]:
-    """All output logits at the model's readout position."""
-    return model(tokens)[:, get_readout(model).position]
+    """All output logits at the model's readout position(s): ``[batch, d_vocab_out]``, or ``[batch, n_pos,
+    d_vocab_out]`` for a readout at several positions."""
+    return get_readout(model).select(model(tokens))
 
 
 def split_logits(model: HookedTransformer, logits: Float[Tensor, "batch d_vocab_out"],
                  ops: Sequence[str] | None = None) -> dict[str, Float[Tensor, "batch n_classes"]]:
-    """Readout logits split into one block per op."""
+    """Readout logits split into one block per op (the last axis; any positions axis is kept)."""
     r = get_readout(model)
-    return {op: logits[:, r.slice(op)] for op in (r.ops if ops is None else ops)}
+    return {op: logits[..., r.slice(op)] for op in (r.ops if ops is None else ops)}
 
 
 def task_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> dict[str, Float[Tensor, "batch n_classes"]]:
@@ -198,10 +274,11 @@ def task_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> d
 
 def op_losses(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
               labels: Mapping[str, Tensor] | Tensor) -> dict[str, Tensor]:
-    """Mean cross-entropy of each op's head on its own labels, from one forward pass."""
+    """Mean cross-entropy of each op's head on its own labels (over every readout position), from one forward
+    pass."""
     labels = as_label_dict(model, labels)
     logits = split_logits(model, readout_logits(model, tokens), list(labels))
-    return {op: F.cross_entropy(logits[op], y) for op, y in labels.items()}
+    return {op: cross_entropy(logits[op], y) for op, y in labels.items()}
 
 
 def as_label_dict(model: HookedTransformer, labels: Mapping[str, Tensor] | Tensor) -> dict[str, Tensor]:

@@ -11,7 +11,7 @@ Python's ``random.Random(seed)`` and the first ``int(train_frac · n)`` are the 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +19,11 @@ import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from transformer_lens import HookedTransformer
 
+from sed_lens.devices import model_device
 from sed_lens.errors import SedLensError, check
+from sed_lens.task import ReadoutLogits, cross_entropy
 
 OpFn = Callable[[Tensor, Tensor, int], Tensor]
 """``fn(a, b, p) -> label``: elementwise on int64 tensors; the result is reduced mod p by the task."""
@@ -215,6 +218,11 @@ class ModularArithmetic:
         idx = self.train_idx[pick]
         return self.tokens[idx], {op: lab[idx] for op, lab in self.labels.items()}
 
+    @property
+    def max_probes(self) -> int:
+        """The grid size: :meth:`probes` draws distinct pairs."""
+        return len(self.pairs)
+
     def probes(self, n: int = 1024, seed: int = 0) -> Batch:
         """A fixed set of ``n`` distinct pairs from the whole grid (train and test mixed), chosen by ``seed``."""
         total = len(self.pairs)
@@ -222,6 +230,35 @@ class ModularArithmetic:
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(total, generator=g)[:n]
         return self.tokens[idx], {op: lab[idx] for op, lab in self.labels.items()}
+
+    # --- the Task protocol: losses, metrics, milestones ---------------------------------------------------
+    @property
+    def n_classes(self) -> int:
+        """Classes per op: the residues ``0..p-1``."""
+        return self.p
+
+    def losses(self, logits: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Mean cross-entropy of each op's head (``logits[op]``, ``[batch, p]``) on its own labels."""
+        return {op: cross_entropy(logits[op], y) for op, y in labels.items()}
+
+    def evaluate(self, model: HookedTransformer, readout: ReadoutLogits) -> dict[str, float]:
+        """Loss and accuracy of every op on the full train and test splits (and their means over the ops), from
+        one forward pass over the grid; ``readout`` gives the per-op logits at the readout position."""
+        device = model_device(model)
+        per_op = readout(self.tokens.to(device))
+        out: dict[str, float] = {}
+        for split, idx in (("train", self.train_idx.to(device)), ("test", self.test_idx.to(device))):
+            for op in self.ops:
+                lg, y = per_op[op][idx], self.labels[op].to(device)[idx]
+                out[f"{split}/loss/{op}"] = torch.nn.functional.cross_entropy(lg, y).item()
+                out[f"{split}/acc/{op}"] = (lg.argmax(-1) == y).float().mean().item()
+            out[f"{split}/acc"] = float(np.mean([out[f"{split}/acc/{op}"] for op in self.ops]))
+            out[f"{split}/loss"] = float(np.mean([out[f"{split}/loss/{op}"] for op in self.ops]))
+        return out
+
+    def milestones(self, history: Sequence[Mapping[str, Any]]) -> dict[str, int | None]:
+        """None beyond the trainer's grok step (first eval with test accuracy ≥ ``grok_acc``)."""
+        return {}
 
     # --- description -------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -35,9 +35,10 @@ from transformer_lens import HookedTransformer
 from sed_lens.configs import TrainConfig  # torch-free, so that CLIs parse flags before importing torch
 from sed_lens.devices import model_device
 from sed_lens.errors import SedLensError, check
-from sed_lens.models import get_readout, has_readout, op_losses, split_logits
+from sed_lens.models import get_readout, has_readout, task_logits
 from sed_lens.serialization import UnsafeFileError, plain
 from sed_lens.serialization import load as load_file
+from sed_lens.task import SequenceTask, Task
 from sed_lens.tasks import ModularArithmetic
 from sed_lens.tracking import Run, atomic_write_bytes
 
@@ -80,11 +81,15 @@ class TrainResult:
     stop_step: int | None = None  # the step at which the stop rule fired (None: it never did)
     cross_step: int | None = None  # the first eval at which every op's test accuracy reached stop_acc
     timings: dict[str, float] = field(default_factory=dict)  # seconds spent in evals and checkpoints (this session)
+    milestones: dict[str, int | None] = field(default_factory=dict)  # the task's own steps, e.g. "phase_change"
 
     def summary(self) -> dict[str, Any]:
-        return {"steps": self.steps, "grok_step": self.grok_step, "final": self.final,
-                "stopped_early": self.stopped_early, "stop_step": self.stop_step, "cross_step": self.cross_step,
-                "wall_time_s": round(self.wall_time, 3), "timings": {k: round(v, 3) for k, v in self.timings.items()}}
+        out = {"steps": self.steps, "grok_step": self.grok_step, "final": self.final,
+               "stopped_early": self.stopped_early, "stop_step": self.stop_step, "cross_step": self.cross_step,
+               "wall_time_s": round(self.wall_time, 3), "timings": {k: round(v, 3) for k, v in self.timings.items()}}
+        if self.milestones:  # tasks without milestones (modular arithmetic) keep the summary as it was
+            out["milestones"] = dict(self.milestones)
+        return out
 
 
 def curves(history: Sequence[dict[str, Any]], ops: Sequence[str]) -> dict[str, list[Any]]:
@@ -117,23 +122,16 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 @torch.inference_mode()
-def evaluate(model: HookedTransformer, task: ModularArithmetic) -> dict[str, float]:
-    """Loss and accuracy of every op on the full train and test splits, from one forward pass over the grid."""
+def evaluate(model: HookedTransformer, task: Task) -> dict[str, float]:
+    """The task's evaluation metrics (:meth:`sed_lens.task.Task.evaluate`: for modular arithmetic the loss and
+    accuracy of every op on the full train and test splits, from one forward pass over the grid), with the model
+    in eval mode and its readout logits from :func:`sed_lens.models.task_logits`."""
     was_training = model.training
     model.eval()
-    device = model_device(model)
-    logits = model(task.tokens.to(device))[:, get_readout(model).position]
-    model.train(was_training)
-    out: dict[str, float] = {}
-    per_op = split_logits(model, logits, task.ops)
-    for split, idx in (("train", task.train_idx.to(device)), ("test", task.test_idx.to(device))):
-        for op in task.ops:
-            lg, y = per_op[op][idx], task.labels[op].to(device)[idx]
-            out[f"{split}/loss/{op}"] = torch.nn.functional.cross_entropy(lg, y).item()
-            out[f"{split}/acc/{op}"] = (lg.argmax(-1) == y).float().mean().item()
-        out[f"{split}/acc"] = float(np.mean([out[f"{split}/acc/{op}"] for op in task.ops]))
-        out[f"{split}/loss"] = float(np.mean([out[f"{split}/loss/{op}"] for op in task.ops]))
-    return out
+    try:
+        return task.evaluate(model, lambda tokens: task_logits(model, tokens))
+    finally:
+        model.train(was_training)
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -146,7 +144,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
 
 
 class Trainer:
-    """Trains a ``HookedTransformer`` on a :class:`ModularArithmetic` task.
+    """Trains a ``HookedTransformer`` on a task (:class:`~sed_lens.task.Task`: modular arithmetic, induction …).
 
     Args:
         model: any ``HookedTransformer`` whose readout (see :func:`sed_lens.models.get_readout`) has the
@@ -159,7 +157,7 @@ class Trainer:
         progress: show a progress bar.
     """
 
-    def __init__(self, model: HookedTransformer, task: ModularArithmetic, config: TrainConfig | None = None,
+    def __init__(self, model: HookedTransformer, task: Task, config: TrainConfig | None = None,
                  callbacks: Sequence[Callback] = (), run: Run | None = None,
                  optimizer: torch.optim.Optimizer | None = None, progress: bool = True) -> None:
         self.config = config or TrainConfig()
@@ -170,9 +168,16 @@ class Trainer:
         # A model with sed_lens readout metadata was built for one modulus; a bare HookedTransformer's outputs
         # (all of d_vocab_out) must at least hold every label.
         exact = has_readout(model)
-        check(readout.n_classes == task.p if exact else readout.n_classes >= task.p,
-              f"the model predicts {readout.n_classes} classes per op but the task has p={task.p}; "
+        check(readout.n_classes == task.n_classes if exact else readout.n_classes >= task.n_classes,
+              f"the model predicts {readout.n_classes} classes per op but the task has "
+              f"{f'p={task.p}' if isinstance(task, ModularArithmetic) else f'{task.n_classes} classes'}; "
               f"build the model for this task (build_model(preset, task)).")
+        if isinstance(task, SequenceTask):
+            want = tuple(p % model.cfg.n_ctx for p in task.readout_positions)
+            check(readout.multi_position and tuple(p % model.cfg.n_ctx for p in readout.positions) == want,
+                  f"the task's labels sit at positions {list(task.readout_positions)} but the model reads "
+                  f"{list(readout.positions)}; build the model for this task (build_model(preset, task)) or "
+                  f"set_readout(model, task.readout_positions, task.ops).")
         check(model.cfg.d_vocab >= task.d_vocab,
               f"the task has {task.d_vocab} input tokens but the model embeds only {model.cfg.d_vocab}.")
         check(model.cfg.n_ctx >= task.n_ctx,
@@ -260,15 +265,16 @@ class Trainer:
         tokens, labels = self.task.batch(cfg.batch_size, self.sampler)
         device = model_device(self.model)
         tokens, labels = tokens.to(device), {op: y.to(device) for op, y in labels.items()}
-        losses = op_losses(self.model, tokens, labels)
-        loss: Tensor = sum(losses.values())  # type: ignore[assignment]
+        losses = self.task.losses(task_logits(self.model, tokens), labels)
+        loss = sum(losses.values())
+        assert isinstance(loss, Tensor)  # a task has at least one op, so this is never sum()'s start value 0
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         if cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))  # type: ignore[union-attr]
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         self.loss, self.grad_norm = loss.item(), norm.item()
         if not (math.isfinite(self.loss) and math.isfinite(self.grad_norm)):
             where = f"; the last good checkpoint is {self.checkpoint_path}" if self.run is not None else ""
@@ -312,7 +318,7 @@ class Trainer:
         last = self.history[-1] if self.history else {}
         final = {k: v for k, v in last.items() if k.startswith(("train/", "test/"))}
         return TrainResult(self.step, dict(self.grok_step), final, self.stopped_early, self.wall_time, list(self.history),
-                           self.stop_step, self.cross_step, dict(self.timings))
+                           self.stop_step, self.cross_step, dict(self.timings), self.task.milestones(self.history))
 
     # --- checkpoints -------------------------------------------------------------------------------------
     @property
@@ -408,7 +414,7 @@ def _set_python_rng_state(state: Sequence[Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _min_test_acc(row: dict[str, Any], task: ModularArithmetic) -> float:
+def _min_test_acc(row: dict[str, Any], task: Task) -> float:
     return min(row[f"test/acc/{op}"] for op in task.ops)
 
 

@@ -17,6 +17,7 @@ FLOORS: dict[str, int] = {
     "sed_lens.errors": 0, "sed_lens.configs": 0, "sed_lens.devices": 0, "sed_lens.torch_reference": 0,
     "sed_lens.cli": 0, "sed_lens.wandb_offline": 0,
     # 1 — data and bookkeeping
+    "sed_lens.task": 1, "sed_lens.induction": 1,
     "sed_lens.tasks": 1, "sed_lens.subspace": 1, "sed_lens.tracking": 1, "sed_lens.serialization": 1,
     # 2 — models, 3 — the training engine
     "sed_lens.models": 2,

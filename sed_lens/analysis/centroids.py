@@ -6,7 +6,9 @@ logits at the model's readout position, the centroid is μ_x = ∂R(logits(x)) /
 activation. Readouts: ``"correct_logit"`` — the logit of the correct label (the paper's single-logit form);
 ``"logit_sum"`` — the sum of the op's logits, so μ_x = J_xᵀ·1 (the Linear Centroids Hypothesis' form); a
 vector ``w`` over the op's classes (μ_x = J_xᵀ w); or a callable ``f(logits [batch, n_classes], labels) ->
-[batch]``. A multitask model reads the op's own head (``task=``).
+[batch]``. A multitask model reads the op's own head (``task=``). A model whose readout spans several positions
+(a sequence task, e.g. the induction task's second half; labels ``[n, n_pos]``) averages the readout over those
+positions, so μ_x is the mean of the per-position centroids (see :func:`position_mean_readout` for why).
 
 The gradient is taken with respect to an additive perturbation δ injected at the site (δ = 0), which works
 for any hook point, including sites whose activation itself depends on the parameters; one backward pass per
@@ -29,9 +31,10 @@ from sed_lens.devices import model_device
 from sed_lens.errors import SedLensError, check
 from sed_lens.models import get_readout
 
-ReadoutFn = str | Tensor | Callable[[Tensor, Tensor], Tensor]
+ReadoutFn = str | Tensor | Callable[[Tensor, Tensor | None], Tensor]
 """What a centroid averages per probe: a named readout ("correct_logit", …), a fixed vector over the classes, or
-``f(logits, labels) -> values``. (Not :class:`sed_lens.models.Readout`, which says where a model's logits are.)"""
+``f(logits, labels) -> values`` (``labels`` is None when the probes come without labels). (Not
+:class:`sed_lens.models.Readout`, which says where a model's logits are.)"""
 
 
 def readout_values(logits: Float[Tensor, "batch n_classes"], labels: Int[Tensor, " batch"] | None,
@@ -51,11 +54,36 @@ def readout_values(logits: Float[Tensor, "batch n_classes"], labels: Int[Tensor,
               f"a readout vector needs one weight per class ({logits.shape[-1]}), got shape {tuple(readout.shape)}.")
         return logits @ readout.to(logits.device, logits.dtype)
     if callable(readout):
-        out = readout(logits, labels)  # type: ignore[arg-type]
+        out = readout(logits, labels)
         check(isinstance(out, Tensor) and out.shape == logits.shape[:1],
               "a readout callable must return one value per probe (shape [batch]).")
         return out
     raise SedLensError(f"unknown readout {readout!r}; choose {', '.join(READOUTS)}, a vector or a callable.")
+
+
+def position_mean_readout(logits: Float[Tensor, "batch *pos n_classes"], labels: Tensor | None,
+                          readout: ReadoutFn) -> Float[Tensor, " batch"]:
+    """The scalar readout of each probe: :func:`readout_values` of its logits at the readout position, or — for
+    a readout at several positions (``logits [batch, n_pos, n_classes]``, ``labels [batch, n_pos]``) — the mean
+    over the positions of each position's readout value.
+
+    Why the mean and not one position: the centroid of a sequence task (e.g. the induction task's second half)
+    should describe the behaviour the whole readout carries — copying at every repeated position — not the
+    accident of one position; the mean is linear, so μ_x is exactly the mean of the per-position centroids
+    (each position weighted equally, the total scale independent of the number of positions), and with one
+    position it is the single-position centroid unchanged.
+
+    Labels ``-100`` (``F.cross_entropy``'s ``ignore_index``) mark positions a probe has no label at (e.g. an
+    induction sequence whose repeat sits elsewhere): the mean is then over each probe's labelled positions only."""
+    if logits.ndim == 2:
+        return readout_values(logits, labels, readout)
+    n, n_pos = logits.shape[:2]
+    if labels is None:
+        return readout_values(logits.reshape(n * n_pos, -1), None, readout).reshape(n, n_pos).mean(1)
+    valid = labels >= 0
+    flat = readout_values(logits.reshape(n * n_pos, -1), labels.clamp_min(0).reshape(-1), readout).reshape(n, n_pos)
+    w = valid.to(flat.dtype)
+    return (flat * w).sum(1) / w.sum(1).clamp_min(1)
 
 
 def site_shape(model: HookedTransformer, tokens: Tensor, site: str) -> tuple[int, ...]:
@@ -92,14 +120,16 @@ class CentroidMap:
         self.task = task if task is not None else (r.ops[0] if len(r.ops) == 1 else None)
         if self.task is None:
             raise SedLensError(f"this model has heads {', '.join(r.ops)}; name the op whose centroids you want (task=).")
-        self.slice, self.position = r.slice(self.task), r.position
+        self.slice, self.position, self.readout_spec = r.slice(self.task), r.position, r
         if isinstance(labels, Mapping):
             check(self.task in labels, f"no labels for op {self.task!r} among {', '.join(labels)}.")
             self.labels: Tensor | None = labels[self.task].to(device)
         else:
             self.labels = labels.to(device) if isinstance(labels, Tensor) else labels
         if self.labels is not None:
-            check(self.labels.shape == tokens.shape[:1], "probes need one label per probe.")
+            want = tokens.shape[:1] + ((len(r.positions),) if r.multi_position else ())
+            check(tuple(self.labels.shape) == tuple(want),
+                  "probes need one label per probe" + (" and readout position." if r.multi_position else "."))
         self.shape = site_shape(model, tokens, site)
         self._delta: Tensor | None = None
 
@@ -115,8 +145,8 @@ class CentroidMap:
                 logits = functional_call(self.model, dict(params), (tokens,))
         finally:
             self._delta = None
-        logits = logits[:, self.position, self.slice]
-        return readout_values(logits, labels, self.readout).sum()
+        logits = self.readout_spec.select(logits)[..., self.slice]
+        return position_mean_readout(logits, labels, self.readout).sum()
 
     def __call__(self, params: Mapping[str, Tensor] | None = None, rows: slice | None = None) -> Tensor:
         """Centroids ``[n, *site_shape]`` at ``params`` (default: the model's own), for probes ``rows``."""

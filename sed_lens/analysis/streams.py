@@ -23,7 +23,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -33,12 +32,13 @@ from sed_lens.devices import model_device
 from sed_lens.errors import check
 from sed_lens.models import as_label_dict, readout_logits, split_logits
 from sed_lens.subspace import ParamSubspace
-from sed_lens.tasks import Batch, ModularArithmetic
+from sed_lens.task import Batch, Task, cross_entropy
 
 
-def gradient_batch(task: ModularArithmetic, n: int = 512, seed: int = 0, split: str = "all") -> Batch:
-    """The fixed batch gradients are measured on: ``n`` pairs drawn with replacement from ``split``
-    (``"all"`` — the whole grid, as the paper's code — ``"train"`` or ``"test"``), by ``RandomState(seed)``."""
+def gradient_batch(task: Task, n: int = 512, seed: int = 0, split: str = "all") -> Batch:
+    """The fixed batch gradients are measured on: ``n`` examples drawn with replacement from ``split``
+    (``"all"`` — the whole grid, as the paper's code — ``"train"`` or ``"test"``; a sequence task's fixed sets),
+    by ``RandomState(seed)``."""
     check(isinstance(n, int) and n >= 1, f"the gradient batch needs at least one pair, got {n!r}.")
     tokens, labels = task.split(split)
     pick = torch.from_numpy(np.random.RandomState(seed).randint(0, len(tokens), size=n).astype(np.int64))
@@ -47,7 +47,8 @@ def gradient_batch(task: ModularArithmetic, n: int = 512, seed: int = 0, split: 
 
 def task_gradients(model: HookedTransformer, subspace: ParamSubspace, tokens: Tensor,
                    labels: Mapping[str, Tensor] | Tensor) -> dict[str, Float[Tensor, " P"]]:
-    """``{op: [P]}``: the gradient of each op's mean cross-entropy on its own head, in the subspace.
+    """``{op: [P]}``: the gradient of each op's mean cross-entropy on its own head (over every readout position),
+    in the subspace.
 
     One forward pass is shared; each op gets its own backward (``torch.autograd.grad``, graph retained), so
     the result equals separate per-op backward passes. ``.grad`` of the model is left untouched.
@@ -57,7 +58,7 @@ def task_gradients(model: HookedTransformer, subspace: ParamSubspace, tokens: Te
     tokens, labels = tokens.to(device), {op: y.to(device) for op, y in labels.items()}
     with torch.enable_grad():
         logits = split_logits(model, readout_logits(model, tokens), list(labels))
-        losses = {op: F.cross_entropy(logits[op], y) for op, y in labels.items()}
+        losses = {op: cross_entropy(logits[op], y) for op, y in labels.items()}
         named = subspace.parameters_of(model)
         params = list(named.values())
         out: dict[str, Tensor] = {}
@@ -68,7 +69,7 @@ def task_gradients(model: HookedTransformer, subspace: ParamSubspace, tokens: Te
     return out
 
 
-def capture_task_gradients(model: HookedTransformer, task: ModularArithmetic, subspace: ParamSubspace,
+def capture_task_gradients(model: HookedTransformer, task: Task, subspace: ParamSubspace,
                            batch: Batch | None = None) -> dict[str, Float[Tensor, " P"]]:
     """Per-op gradients on ``batch`` (default: :func:`gradient_batch` of ``task``), ``{op: [P]}``.
 
@@ -99,7 +100,7 @@ def snapshot_vectors(grads: Mapping[str, Tensor], sources: Sequence[str], multit
     return out
 
 
-def stream_vectors(model: HookedTransformer, task: ModularArithmetic, subspace: ParamSubspace, batch: Batch,
+def stream_vectors(model: HookedTransformer, task: Task, subspace: ParamSubspace, batch: Batch,
                    sources: Sequence[str] = SOURCES) -> dict[str, Float[Tensor, " P"]]:
     """The gradient-type stream entries of ``model`` in its current state on the fixed ``batch``:
     ``"gradient"`` and ``"task_gradient/OP"`` as ``sources`` ask for them (``{}`` if it names neither).
@@ -113,7 +114,7 @@ def stream_vectors(model: HookedTransformer, task: ModularArithmetic, subspace: 
     return snapshot_vectors(grads, sources, task.multitask)
 
 
-def capture_offline(model: HookedTransformer, task: ModularArithmetic, subspace: ParamSubspace,
+def capture_offline(model: HookedTransformer, task: Task, subspace: ParamSubspace,
                     snapshots: Iterable[tuple[int, Mapping[str, Tensor]]], batch: Batch | None = None,
                     sources: Sequence[str] = SOURCES) -> Iterator[tuple[int, dict[str, Tensor]]]:
     """The same stream entries as :class:`~sed_lens.hooks.capture.GradientCapture`, from stored model states

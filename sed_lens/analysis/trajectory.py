@@ -38,10 +38,15 @@ from sed_lens.configs import ScanConfig
 from sed_lens.errors import check
 from sed_lens.models import model_spec
 from sed_lens.subspace import ParamSubspace
-from sed_lens.tasks import ModularArithmetic
+from sed_lens.task import Task
 
 ARTIFACT_FORMAT = "sed_lens.coupling_snapshot/1"
 BASES_FORMAT = "sed_lens.coupling_bases/1"
+
+
+def probe_count(task: Task, n: int) -> int:
+    """``n`` probes, or all a finite task has if fewer (:attr:`~sed_lens.task.Task.max_probes`)."""
+    return n if task.max_probes is None else min(n, task.max_probes)
 
 
 def stream_key(stream: str, align: str, ops: Sequence[str]) -> ScanKey:
@@ -74,7 +79,7 @@ def stream_entry_index(stream: str, snapshot: int, align: str) -> int | None:
     return snapshot
 
 
-def scan_coupling(model: HookedTransformer, task: ModularArithmetic, snapshots: Iterable[tuple[int, dict[str, Tensor]]],
+def scan_coupling(model: HookedTransformer, task: Task, snapshots: Iterable[tuple[int, dict[str, Tensor]]],
                   cfg: ScanConfig | None = None, subspace: ParamSubspace | None = None,
                   artifacts: str | Path | None = None, progress: bool = True,
                   bases_out: dict[str, dict[int, Tensor]] | None = None) -> dict[str, Any]:
@@ -114,7 +119,7 @@ class TrajectoryScan:
     (``a = 0`` is the configuration as given).
     """
 
-    def __init__(self, model: HookedTransformer, task: ModularArithmetic, snapshots: Iterable[tuple[int, dict[str, Tensor]]],
+    def __init__(self, model: HookedTransformer, task: Task, snapshots: Iterable[tuple[int, dict[str, Tensor]]],
                  cfg: ScanConfig | None = None, subspace: ParamSubspace | None = None, progress: bool = True) -> None:
         self.cfg = cfg or ScanConfig()
         self.cfg.validate()
@@ -233,7 +238,7 @@ class TrajectoryScan:
         if bases_out is not None:
             bases_out.update({str(k): {self.steps[t]: b.directions.float() for t, (b, _) in by_t.items()}
                               for k, by_t in bases.items()})
-        probes = task.probes(min(cfg.n_probes, len(task.pairs)), cfg.probe_seed + analysis_seed)
+        probes = task.probes(probe_count(task, cfg.n_probes), cfg.probe_seed + analysis_seed)
         art_dir = Path(artifacts) if artifacts is not None else None
         fd_eps = sorted(set((cfg.ablation_eps if not headline_only else ()) + ((cfg.eps_rel,) if fd_compare else ())))
         rows: list[dict[str, Any]] = []

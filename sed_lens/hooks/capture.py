@@ -27,7 +27,7 @@ from sed_lens.configs import SOURCES
 from sed_lens.devices import model_device
 from sed_lens.errors import check
 from sed_lens.subspace import ParamSubspace
-from sed_lens.tasks import Batch, ModularArithmetic
+from sed_lens.task import Batch, Task
 from sed_lens.training import Callback, Trainer
 
 __all__ = ["GradientCapture", "capture_offline", "capture_task_gradients", "gradient_batch", "snapshot_vectors",
@@ -84,7 +84,7 @@ class GradientCapture(Callback):
         if trainer.step % self.every == 0:
             self.snapshot(trainer)
 
-    def stream_names(self, task: ModularArithmetic) -> list[str]:
+    def stream_names(self, task: Task) -> list[str]:
         names = [s for s in self.sources if s != "task_gradient"]
         if "task_gradient" in self.sources and (task.multitask or "gradient" not in self.sources):
             names += [f"task_gradient/{op}" for op in task.ops]
