@@ -20,9 +20,11 @@ if TYPE_CHECKING:
     from sed_lens.hooks.capture import GradientCapture
     from sed_lens.hooks.interventions import SubspaceProjection
     from sed_lens.hooks.snapshots import SnapshotStore
+    from sed_lens.induction import InductionTask, head_scores
     from sed_lens.loading import LoadedRun, load_run
     from sed_lens.models import PRESETS, Readout, build_model, get_readout, set_readout, task_logits
     from sed_lens.subspace import ParamSubspace
+    from sed_lens.task import Task
     from sed_lens.tasks import ModularArithmetic, available_ops, register_op
     from sed_lens.tracking import Run
     from sed_lens.training import Callback, TrainConfig, Trainer, TrainResult, evaluate
@@ -41,6 +43,8 @@ _LAZY = {
     "sed_lens.hooks.snapshots": ("SnapshotStore",),
     "sed_lens.models": ("PRESETS", "Readout", "build_model", "get_readout", "set_readout", "task_logits"),
     "sed_lens.subspace": ("ParamSubspace",),
+    "sed_lens.task": ("Task",),
+    "sed_lens.induction": ("InductionTask", "head_scores"),
     "sed_lens.tasks": ("ModularArithmetic", "available_ops", "register_op"),
     "sed_lens.loading": ("LoadedRun", "load_run"),
     "sed_lens.tracking": ("Run",),
@@ -82,6 +86,9 @@ __all__ = [
     "RollingSED",
     "capture_task_gradients",
     "ModularArithmetic",
+    "InductionTask",
+    "Task",
+    "head_scores",
     "Readout",
     "Run",
     "LoadedRun",
