@@ -55,8 +55,7 @@ from sed_lens.rendering import (
     render_markdown_blocks,
     wandb_ids,
 )
-from sed_lens.tracking import Run, read_jsonl, to_jsonable, write_json
-from sed_lens.tracking import log_summary_run as tracking_summary_run
+from sed_lens.tracking import Run, log_summary_run, read_jsonl, to_jsonable, write_json
 
 if TYPE_CHECKING:
     from sed_lens.hooks.snapshots import SnapshotStore
@@ -514,12 +513,12 @@ def aggregate_tables(agg: dict[str, Any]) -> dict[str, tuple[list[str], list[lis
     return out
 
 
-def log_summary_run(cfg: CouplingConfig, out: Path, agg: dict[str, Any], figs: Sequence[Path],
+def log_coupling_summary(cfg: CouplingConfig, out: Path, agg: dict[str, Any], figs: Sequence[Path],
                     runs: Sequence[str]) -> Run | None:
     """The aggregate's own small W&B run (job type ``coupling-summary``, local directory OUT/summary/coupling-TIME):
     the summary tables, the figures, and coupling.json + coupling.md as an artifact. None when W&B is disabled."""
     tables = {f"coupling/summary/{name}": t for name, t in aggregate_tables(agg).items()}
-    return tracking_summary_run(out, "coupling-summary", asdict(cfg), wandb_mode=cfg.wandb_mode,
+    return log_summary_run(out, "coupling-summary", asdict(cfg), wandb_mode=cfg.wandb_mode,
                                 project=cfg.wandb_project, job_type="coupling-summary", tables=tables,
                                 images={f"figures/{f.stem}": f for f in figs},
                                 files=[out / "coupling.json", out / "coupling.md"], summary={"runs": sorted(runs)})
@@ -646,7 +645,7 @@ def run(cfg: CouplingConfig) -> dict[str, Any]:
     result = {"config": asdict(cfg), "runs": done, "aggregate": agg, "figures": [str(f) for f in figs],
               "table": str(out / "coupling.md"), "skipped": sum(r.skipped for r in results), "aggregated": True}
     write_json(out / "coupling.json", result)
-    summary_run = log_summary_run(cfg, out, agg, figs, list(done))
+    summary_run = log_coupling_summary(cfg, out, agg, figs, list(done))
     result["summary_run"] = str(summary_run.dir) if summary_run is not None else None
     result["sync_hint"] = summary_run.sync_hint() if summary_run is not None else None
     return result
