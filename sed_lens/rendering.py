@@ -286,6 +286,11 @@ def json_has(path: Path, key: str) -> bool:
     return isinstance(data, dict) and key in data
 
 
+def fixed(x: float | None, digits: int = 1) -> str:
+    """A number to a fixed count of decimals; ``None``/NaN/inf → "—" (the report tables' uniform columns)."""
+    return "—" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
 def fmt(x: Any, digits: int = 3) -> str:
     """A number for a table: ``None``/NaN → "—", floats below 10 to ``digits`` decimals (``digits`` significant
     digits when that would round a nonzero value to 0), larger ones to one decimal."""

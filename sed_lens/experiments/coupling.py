@@ -45,6 +45,7 @@ from sed_lens.rendering import (
     Table,
     Text,
     figure,
+    fixed,
     flatten,
     fmt,
     json_has,
@@ -341,10 +342,6 @@ def cells(cfg: CouplingConfig) -> list[Cell]:
     return out
 
 
-def _fmt(x: float | None, digits: int = 1) -> str:
-    return "—" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
-
-
 def tables(cfg: CouplingConfig, results: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     """The Markdown report (the blocks of :func:`table_blocks` under one title) and the aggregate numbers."""
     blocks, agg = table_blocks(cfg, results)
@@ -372,9 +369,9 @@ def table_blocks(cfg: CouplingConfig, results: dict[str, dict[str, Any]],
             u, g, gt = s.get(ScanKey("update", lead), {}), s.get(ScanKey("gradient", lead), {}), s.get(ScanKey("gradient", trail), {})
             ratio = g.get("peak_R_mean", np.nan) / u.get("peak_R_mean", np.nan) if u else np.nan
             paper = PAPER["single_gradient_mul"].get(cell.seed) if op == "mul" else None
-            rows.append([op, str(cell.seed), str(res["train"]["grok_step"].get(op)), _fmt(u.get("peak_R_mean")),
-                         _fmt(u.get("mean_R_mean")), _fmt(g.get("peak_R_mean")), _fmt(gt.get("peak_R_mean")),
-                         f"{_fmt(ratio)}×", str(paper) if paper is not None else "100–330 (range)"])
+            rows.append([op, str(cell.seed), str(res["train"]["grok_step"].get(op)), fixed(u.get("peak_R_mean")),
+                         fixed(u.get("mean_R_mean")), fixed(g.get("peak_R_mean")), fixed(gt.get("peak_R_mean")),
+                         f"{fixed(ratio)}×", str(paper) if paper is not None else "100–330 (range)"])
             agg["single"][cell.name] = {"update_peak": u.get("peak_R_mean"), "update_mean": u.get("mean_R_mean"),
                                    "gradient_peak": g.get("peak_R_mean"), "gradient_peak_trailing": gt.get("peak_R_mean"),
                                    "ratio": ratio}
@@ -400,7 +397,7 @@ def table_blocks(cfg: CouplingConfig, results: dict[str, dict[str, Any]],
             window_rows: list[list[str]] = []
             for w in WINDOWS:
                 lw, tw = s.get(ScanKey("gradient", lead, window=w), {}), s.get(ScanKey("gradient", trail, window=w), {})
-                window_rows.append([str(w), _fmt(lw.get("peak_R1")), _fmt(tw.get("peak_R1")), str(PAPER["window"].get(w, "—"))])
+                window_rows.append([str(w), fixed(lw.get("peak_R1")), fixed(tw.get("peak_R1")), str(PAPER["window"].get(w, "—"))])
                 agg["window_ablation"][w] = {"leading": lw.get("peak_R1"), "trailing": tw.get("peak_R1")}
             blocks += [Heading(f"Window ablation ({ab_op}, seed {ab_seed}): peak R₁ of gradient SED", level),
                        Table(["W", "ours, leading", "ours, trailing", "paper"], window_rows)]
@@ -408,10 +405,10 @@ def table_blocks(cfg: CouplingConfig, results: dict[str, dict[str, Any]],
             eps_rows: list[list[str]] = []
             for e in EPSILONS:
                 fe = s.get(ScanKey("gradient", lead, fd_eps=e), {})
-                eps_rows.append([f"{e:g}", _fmt(fe.get("peak_R1")), str(PAPER["eps"].get(e, "—"))])
+                eps_rows.append([f"{e:g}", fixed(fe.get("peak_R1")), str(PAPER["eps"].get(e, "—"))])
                 agg["eps_ablation"][e] = fe.get("peak_R1")
             jv = s.get(ScanKey("gradient", lead), {}).get("peak_R1")
-            eps_rows.append(["→ 0 (exact JVP)", _fmt(jv), "—"])
+            eps_rows.append(["→ 0 (exact JVP)", fixed(jv), "—"])
             agg["eps_ablation"]["jvp"] = jv
             blocks += [Heading(f"ε ablation ({ab_op}, seed {ab_seed}): peak R₁ of gradient SED (W {cfg.scan.window}, "
                                "leading)", level),
@@ -428,8 +425,8 @@ def table_blocks(cfg: CouplingConfig, results: dict[str, dict[str, Any]],
                 s = parse_keys(by_key)
                 u, g, t = (s.get(ScanKey("update", lead), {}), s.get(ScanKey("gradient", lead), {}),
                            s.get(ScanKey("task_gradient", lead, op), {}))
-                multi_rows.append([str(cell.seed), op, str(res["train"]["grok_step"].get(op)), _fmt(u.get("peak_R_mean"), 2),
-                                   _fmt(g.get("peak_R_mean"), 2), _fmt(t.get("peak_R_mean"), 2),
+                multi_rows.append([str(cell.seed), op, str(res["train"]["grok_step"].get(op)), fixed(u.get("peak_R_mean"), 2),
+                                   fixed(g.get("peak_R_mean"), 2), fixed(t.get("peak_R_mean"), 2),
                                    str(PAPER["multitask_per_op"].get(op, "—"))])
                 agg["multitask"].setdefault(op, []).append({"seed": cell.seed, "update_peak": u.get("peak_R_mean"),
                                                             "gradient_peak": g.get("peak_R_mean"),

@@ -12,7 +12,6 @@ a reproduction output directory in ``python -m sed_lens.report`` (:func:`output_
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from sed_lens.rendering import (
     Section,
     Table,
     Text,
+    fixed,
     load_json,
     metric_keys,
     metric_plots,
@@ -63,24 +63,20 @@ EPSILONS = (0.001, 0.005, 0.05)
 LEAD = "leading"
 
 
-def fmt(x: float | None, d: int = 1) -> str:
-    return "—" if x is None or not math.isfinite(x) else f"{x:.{d}f}"
-
-
 def spread_text(sp: Spread, d: int = 0) -> str:
     """``median [lo–hi]`` over seeds (just the value for one seed)."""
     if sp.n == 0:
         return "—"
     if sp.n == 1:
-        return fmt(sp.values[0], d)
-    return f"{fmt(sp.median, d)} [{fmt(sp.lo, d)}–{fmt(sp.hi, d)}]"
+        return fixed(sp.values[0], d)
+    return f"{fixed(sp.median, d)} [{fixed(sp.lo, d)}–{fixed(sp.hi, d)}]"
 
 
 def mean_sd(values: Sequence[float | None], d: int = 0) -> str:
     sp = Spread.of(values)
     if sp.n == 0:
         return "—"
-    return f"{fmt(sp.mean, d)} ± {fmt(sp.sd, d)}" if sp.n > 1 else fmt(sp.mean, d)
+    return f"{fixed(sp.mean, d)} ± {fixed(sp.sd, d)}" if sp.n > 1 else fixed(sp.mean, d)
 
 
 # What the report reads of each run: gradient and update SED with the leading window (the paper's code), per-op
@@ -145,7 +141,7 @@ def headline(res: Results) -> Blocks:
             vals = [run_value(r, length, key) if not fd else r.stat(length, r.op, key) for r in single]
             sp = Spread.of(vals)
             inside = sum(PAPER_GRADIENT_RANGE[0] <= v <= PAPER_GRADIENT_RANGE[1] for v in sp.values)
-            return f"{fmt(sp.lo, 0)}–{fmt(sp.hi, 0)}; {inside} of {sp.n} runs inside 100–330"
+            return f"{fixed(sp.lo, 0)}–{fixed(sp.hi, 0)}; {inside} of {sp.n} runs inside 100–330"
 
         rows.append([f"single-task gradient-SED peak R̄, exact ({len(single)} run{'s' if len(single) != 1 else ''}; "
                      "each the median of its analysis seeds)",
@@ -162,14 +158,14 @@ def headline(res: Results) -> Blocks:
         def ratio(length: str) -> str:
             rs = gradient_over_update(res, length)
             below = sum(v < 10 for v in rs.values)
-            return f"{fmt(rs.lo)}–{fmt(rs.hi)}× " + ("(≥ 10× in every run)" if not below else f"(below 10× in {below} runs)")
+            return f"{fixed(rs.lo)}–{fixed(rs.hi)}× " + ("(≥ 10× in every run)" if not below else f"(below 10× in {below} runs)")
 
         rows.append(["gradient SED / update SED, peak R̄ per run", "1–2 orders of magnitude", *by_length(ratio)])
     ab = res.ablation
     if ab is not None:
         def window(length: str) -> str:
             vals = [ab.stat(length, ab.op, window_key(w), "peak_R1") for w in WINDOWS]
-            return "; ".join(f"W={w}: {fmt(v, 0)}" for w, v in zip(WINDOWS, vals, strict=True) if v is not None)
+            return "; ".join(f"W={w}: {fixed(v, 0)}" for w, v in zip(WINDOWS, vals, strict=True) if v is not None)
 
         rows.append([f"window ablation, peak R₁ (gradient SED, {ab.op} seed {ab.seed})",
                      "W=1: 648; W=20: 212; W=40: 140 (monotone)", *[window(x) if x in ab.scans else "not run" for x in LENGTHS]])
@@ -177,7 +173,7 @@ def headline(res: Results) -> Blocks:
         def eps(length: str) -> str:
             vals = [ab.stat(length, ab.op, fd_key(GRADIENT, e), "peak_R1") for e in EPSILONS]
             exact = ab.stat(length, ab.op, GRADIENT, "peak_R1")
-            return "; ".join(f"{e:g}: {fmt(v, 0)}" for e, v in zip(EPSILONS, vals, strict=True)) + f"; exact: {fmt(exact, 0)}"
+            return "; ".join(f"{e:g}: {fixed(v, 0)}" for e, v in zip(EPSILONS, vals, strict=True)) + f"; exact: {fixed(exact, 0)}"
 
         rows.append([f"ε ablation, peak R₁ (finite differences, {ab.op} seed {ab.seed})", "0.001: 221; 0.005: 212; 0.05: 74",
                      *[eps(x) if x in ab.scans else "not run" for x in LENGTHS]])
@@ -199,8 +195,8 @@ def headline(res: Results) -> Blocks:
     for op, method in res.intervention_grids():
         sp = speedups(res.grid(op, method))
         paper = PAPER_INTERVENTION.get((op, method), {})
-        ours = "; ".join(f"{c} {'≥ ' if s['censored'] else ''}{s['mean']:.0f} ({fmt(s['speedup'], 2)}"
-                         + (f", seeds {fmt(s['spread'].lo, 2)}–{fmt(s['spread'].hi, 2)}" if s["spread"].n > 1 else "")
+        ours = "; ".join(f"{c} {'≥ ' if s['censored'] else ''}{s['mean']:.0f} ({fixed(s['speedup'], 2)}"
+                         + (f", seeds {fixed(s['spread'].lo, 2)}–{fixed(s['spread'].hi, 2)}" if s["spread"].n > 1 else "")
                          + ")" for c, s in sp.items())
         pt = "; ".join(f"{c} {g if g is not None else '—'} ({v:.2f})" for c, (g, v) in paper.items()) or "not published"
         iv_rows.append([f"{method} projection, {op}: grok step (speedup)", pt, ours,
@@ -219,8 +215,8 @@ def phase_table(res: Results) -> Blocks:
             for length in r.lengths:
                 ph = r.phase_medians(length, r.op, key)
                 rows.append([r.op, str(r.seed), key.source, LENGTH_LABELS[length],
-                             fmt(ph.get("pre")), fmt(ph.get("transition")), fmt(ph.get("post")),
-                             spread_text(peak(r, length, key)), fmt(r.stat(length, r.op, fd_key(key)))])
+                             fixed(ph.get("pre")), fixed(ph.get("transition")), fixed(ph.get("post")),
+                             spread_text(peak(r, length, key)), fixed(r.stat(length, r.op, fd_key(key)))])
     if not rows:
         return []
     start, end = res.single()[0].phases(res.single()[0].op)
@@ -238,9 +234,9 @@ def run_table(res: Results) -> Blocks:
     for r in res.coupling:
         last = r.last_step("post_grok")
         same = r.scans.get("post_grok") is r.scans.get("stop_rule")
-        rows.append([" + ".join(r.ops), str(r.seed), ", ".join(fmt(g, 0) if g is not None else "—" for g in r.grok_step.values()),
-                     fmt(r.train.get("cross_step"), 0), fmt(r.train.get("stop_step"), 0),
-                     (fmt(last, 0) + (" (the stop-rule run: it stopped after the post-grok stretch)" if same else ""))
+        rows.append([" + ".join(r.ops), str(r.seed), ", ".join(fixed(g, 0) if g is not None else "—" for g in r.grok_step.values()),
+                     fixed(r.train.get("cross_step"), 0), fixed(r.train.get("stop_step"), 0),
+                     (fixed(last, 0) + (" (the stop-rule run: it stopped after the post-grok stretch)" if same else ""))
                      if last else "—",
                      str(len(r.analysis_seeds)), f"{r.worker_s / 60:.1f}"])
     return [Table(["ops", "seed", "grok step (test ≥ 0.5)", "test ≥ 0.98 at", "stop rule fired at",
@@ -253,20 +249,20 @@ def claims(res: Results) -> Blocks:
         rs = gradient_over_update(res, length)
         if rs.n:
             out.append(Text(f"- Gradient SED couples far more strongly than update SED ({LENGTH_LABELS[length]}): the "
-                            f"gradient/update peak ratio is {fmt(rs.lo)}–{fmt(rs.hi)}× over {rs.n} run{'s' if rs.n != 1 else ''} "
+                            f"gradient/update peak ratio is {fixed(rs.lo)}–{fixed(rs.hi)}× over {rs.n} run{'s' if rs.n != 1 else ''} "
                             f"({'holds' if (rs.lo or 0) >= 10 else 'holds only partly'}: the paper's claim is 1–2 orders of magnitude)."))
     for mt in res.multitask:
         ratios = [ratio_of(run_value(mt, "stop_rule", per_op_key(op), op),
                            run_value(mt, "stop_rule", UPDATE, op)) for op in mt.ops]
         sp = Spread.of(ratios)
         if sp.n:
-            out.append(Text(f"- Multitask (seed {mt.seed}): per-op gradient SED couples {fmt(sp.lo)}–{fmt(sp.hi)}× more "
+            out.append(Text(f"- Multitask (seed {mt.seed}): per-op gradient SED couples {fixed(sp.lo)}–{fixed(sp.hi)}× more "
                             "strongly than the aggregated update SED."))
     keeps = [s["speedup"] for op, m in res.intervention_grids() for c, s in speedups(res.grid(op, m)).items()
              if c in ("C", "E") and s["speedup"] is not None]
     if keeps:
         out.append(Text(f"- Keeping only a rank-3 subspace of the attention training signal speeds grokking: "
-                        f"{fmt(min(keeps), 2)}–{fmt(max(keeps), 2)}× (SED or random basis)."))
+                        f"{fixed(min(keeps), 2)}–{fixed(max(keeps), 2)}× (SED or random basis)."))
     return out
 
 
@@ -286,11 +282,12 @@ def differences(res: Results) -> Blocks:
             "- **Run length is what moves the gradient-SED peak.** The published protocol stops ~20 evals after test "
             "accuracy first reaches 0.98, so the leading windows of the last snapshots are clamped to one window that "
             "straddles the transition and no fully post-grok window exists. Training the same trajectory on past the "
-            f"stop rule raises the gradient-SED peak R̄ by {fmt(up.lo, 2)}–{fmt(up.hi, 2)}× (median {fmt(up.median, 2)}×) "
-            f"over {up.n} run{'s' if up.n != 1 else ''}: " + "; ".join(f"{r.op} s{r.seed} {fmt(a, 0)} → {fmt(b, 0)}" for r, a, b in pairs)
+            f"stop rule raises the gradient-SED peak R̄ by {fixed(up.lo, 2)}–{fixed(up.hi, 2)}× (median {fixed(up.median, 2)}×) "
+            f"over {up.n} run{'s' if up.n != 1 else ''}: "
+            + "; ".join(f"{r.op} s{r.seed} {fixed(a, 0)} → {fixed(b, 0)}" for r, a, b in pairs)
             + "".join(f" ({r.op} s{r.seed}'s stop rule fired {r.train['stop_step'] - r.train['cross_step']} steps after "
                       "0.98 — accuracy dips reset its count — past the post-grok stretch, so its stop-rule run already "
-                      f"had post-grok windows: peak {fmt(run_value(r, 'stop_rule', g), 0)})" for r in already)
+                      f"had post-grok windows: peak {fixed(run_value(r, 'stop_rule', g), 0)})" for r in already)
             + f". Runs inside the paper's 100–330: {inside['stop_rule']} of {len(single)} stop-rule, "
             f"{inside['post_grok']} of {len(single)} post-grok. The post-grok phase median is {spread_text(post_med)} "
             f"against {spread_text(trans_med)} during the transition (medians over runs [range])."))
@@ -312,8 +309,8 @@ def differences(res: Results) -> Blocks:
             out.append(Text(
                 "- **Exact derivative vs the paper's finite difference.** Our R values are exact (autodiff, no ε); the "
                 "paper's central difference at ε_rel = 0.005 gives a gradient-SED peak of "
-                + "; ".join(f"{fmt(sp.median, 2)}× the exact one in the {LENGTH_LABELS[x]}s "
-                            f"(range {fmt(sp.lo, 2)}–{fmt(sp.hi, 2)})" for x, sp in by_len.items() if sp.n)
+                + "; ".join(f"{fixed(sp.median, 2)}× the exact one in the {LENGTH_LABELS[x]}s "
+                            f"(range {fixed(sp.lo, 2)}–{fixed(sp.hi, 2)})" for x, sp in by_len.items() if sp.n)
                 + ". Below 1, the perturbation has left the linear regime"
                 + ("; it does so more in the post-grok runs, whose peaks lie after grokking." if lower_after else ".")))
     ab = res.ablation
@@ -344,9 +341,9 @@ def differences(res: Results) -> Blocks:
                        "is what lowers it, which does not support the paper's reading" if (a.lo or 0) >= 0.5 * (p.lo or 0)
                        else "so aggregation across tasks hides part of the coupling, as the paper says")
             mt_notes.append(Text(
-                f"- **Multitask (seed {mt.seed}).** Aggregated update SED peaks at {fmt(u.lo, 2)}–{fmt(u.hi, 2)} (paper ≤ 1: "
-                f"{'reproduced' if (u.hi or 0) <= 1 else 'not reproduced'}); per-op gradient SED {fmt(p.lo)}–{fmt(p.hi)}; "
-                f"the aggregated *gradient* SED (our control) {fmt(a.lo)}–{fmt(a.hi)}, {verdict}. The author's multitask "
+                f"- **Multitask (seed {mt.seed}).** Aggregated update SED peaks at {fixed(u.lo, 2)}–{fixed(u.hi, 2)} (paper ≤ 1: "
+                f"{'reproduced' if (u.hi or 0) <= 1 else 'not reproduced'}); per-op gradient SED {fixed(p.lo)}–{fixed(p.hi)}; "
+                f"the aggregated *gradient* SED (our control) {fixed(a.lo)}–{fixed(a.hi)}, {verdict}. The author's multitask "
                 "script is not public; our reading is one encoder with four heads, loss = sum of the four cross-entropies "
                 "on one shared batch, one shared gradient batch and probe set for all ops."))
     out += mt_notes
@@ -357,13 +354,13 @@ def differences(res: Results) -> Blocks:
         size = ("larger" if min(keep) > 1.2 * 2.36 else "smaller" if max(keep) < 0.8 * 2.20 else "about the same")
         out.append(Text(
             f"- **Intervention size.** Keeping a rank-3 subspace of the attention gradient speeds grokking "
-            f"{fmt(min(keep), 2)}–{fmt(max(keep), 2)}× against the paper's 2.20× (SED) and 2.36× (random) for add: "
+            f"{fixed(min(keep), 2)}–{fixed(max(keep), 2)}× against the paper's 2.20× (SED) and 2.36× (random) for add: "
             f"{size}. The pattern — keeping any rank-3 subspace helps about equally, removing one changes little — is "
             "the paper's."))
     upd = {op: speedups(res.grid(op, m)).get("B", {}).get("speedup") for op, m in grids if m == "update"}
     if upd:
         out.append(Text("- **Update-projection artefact.** Removing SED from the *update* speeds grokking ("
-                        + "; ".join(f"{op} {fmt(v, 2)}×" for op, v in upd.items()) + "; paper 1.21×), an optimizer-"
+                        + "; ".join(f"{op} {fixed(v, 2)}×" for op, v in upd.items()) + "; paper 1.21×), an optimizer-"
                         "pipeline artefact the gradient projection does not show."))
     seeds = res.seeds
     if seeds and tuple(seeds) != PAPER_SEEDS:
