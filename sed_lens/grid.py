@@ -3,9 +3,11 @@
 A :class:`Cell` names a directory under the grid's root, an importable function ``"module:function"`` and a
 JSON-able config; the function is called as ``fn(config, run_dir)`` and returns a JSON-able summary. When it
 returns, the grid writes ``RUN_DIR/cell.json`` (config + summary): a cell with that file is complete and is
-skipped by the next :func:`run_grid` over the same root; a cell directory without it (an interrupted run) is
-cleared and run again. A finished cell whose config differs is an error (its run is never deleted silently)
-unless the caller passes ``changed="rerun"``.
+skipped by the next :func:`run_grid` over the same root. A cell directory without it (an interrupted run) is
+cleared and run again — unless the target is *resumable* (:func:`resumable`: it carries ``resumable = True``),
+in which case the directory is left as it is and the target continues what it finds there (a coupling cell
+resumes training from its last checkpoint and its scan from the responses it already measured). A finished cell
+whose config differs is an error (its run is never deleted silently) unless the caller passes ``changed="rerun"``.
 
 Backends: ``"local"`` runs cells in a pool of ``workers`` processes (default: one per core) or, with
 ``workers=1``, in this process; ``"ray"`` sends each cell to a Ray cluster (``pip install "sed-lens[distributed]"``).
@@ -88,6 +90,18 @@ def resolve(target: str) -> Callable[[dict[str, Any], str], dict[str, Any]]:
         raise SedLensError(f"cannot import cell target {target!r}: {e}.") from None
 
 
+def resumable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a cell target as one that continues an interrupted attempt from what it left in its run directory
+    (the grid then keeps that directory instead of clearing it). Such a target must produce the same summary
+    whether or not it was interrupted."""
+    setattr(fn, "resumable", True)  # noqa: B010 - an attribute of a function object
+    return fn
+
+
+def is_resumable(fn: Callable[..., Any]) -> bool:
+    return bool(getattr(fn, "resumable", False))
+
+
 def is_complete(run_dir: str | Path) -> bool:
     return (Path(run_dir) / MARKER).is_file()
 
@@ -102,13 +116,14 @@ def execute_cell(cell: Cell, run_dir: str, threads: int | None = 1) -> dict[str,
     import torch
 
     path = Path(run_dir)
-    if path.exists():
+    target = resolve(cell.target)
+    if path.exists() and not is_resumable(target):
         shutil.rmtree(path)  # an interrupted earlier attempt
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        summary = resolve(cell.target)(dict(cell.config), run_dir)
+        summary = target(dict(cell.config), run_dir)
     finally:
         torch.set_num_threads(before)
     summary = to_jsonable(summary if summary is not None else {})
@@ -129,7 +144,8 @@ def die_with_parent(parent: int) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         # SIGKILL, not SIGTERM: a training run turns SIGTERM into "checkpoint and stop" and would then sit idle in
-        # the pool; a grid cell that did not finish is run again from the start anyway.
+        # the pool; a grid cell that did not finish is run again (from the start, or from its last checkpoint
+        # when its target is resumable).
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
@@ -183,6 +199,8 @@ def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", wo
             raise SedLensError(f"{run_dir} holds a finished run with other settings; choose another --out or "
                                "delete that run.")
         else:
+            if done is not None:  # changed="rerun": a finished run with another config is never continued
+                shutil.rmtree(run_dir)
             todo.append(c)  # never run, interrupted, or (changed="rerun") run with another config
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=desc, unit="run", disable=not progress,
                dynamic_ncols=True)

@@ -11,7 +11,7 @@ import pytest
 
 from sed_lens.errors import SedLensError
 from sed_lens.experiments.grokking import TRACKING_KEYS
-from sed_lens.grid import Cell, is_complete, raise_failures, run_grid
+from sed_lens.grid import Cell, is_complete, raise_failures, resumable, run_grid
 
 TARGET = "sed_lens.experiments.grokking:grid_cell"
 
@@ -116,3 +116,26 @@ def test_killing_the_grid_process_ends_its_workers(tmp_path):
             os.killpg(grid.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@resumable
+def counting_target(config, run_dir):
+    """A resumable target: counts its attempts in its run directory."""
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    attempts = len(list(path.glob("attempt_*"))) + 1
+    (path / f"attempt_{attempts}").write_text("")
+    if attempts < config["fail_until"]:
+        raise RuntimeError(f"attempt {attempts} killed")
+    return {"attempts": attempts}
+
+
+def test_an_interrupted_resumable_cell_keeps_its_directory_and_a_rerun_starts_over(tmp_path):
+    c = Cell("r", "test_grid:counting_target", {"fail_until": 2})
+    first = run_grid([c], tmp_path, workers=1, progress=False)
+    assert "attempt 1 killed" in first[0].error and (tmp_path / "r" / "attempt_1").is_file()
+    second = run_grid([c], tmp_path, workers=1, progress=False)
+    assert second[0].summary == {"attempts": 2}  # continued in the same directory, not cleared
+    other = Cell("r", "test_grid:counting_target", {"fail_until": 1})
+    rerun = run_grid([other], tmp_path, workers=1, progress=False, changed="rerun")
+    assert rerun[0].summary == {"attempts": 1}  # a finished run with another config is never continued

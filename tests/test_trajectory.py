@@ -208,3 +208,88 @@ def test_a_longer_run_reuses_every_response_it_shares_with_the_shorter_one(run):
     assert set(other["snapshots"][0]["ops"]["add"]) == {"random", "gradient/leading", "update/leading"}
     assert other["snapshots"][-1]["ops"]["add"]["gradient/leading"]["R"] != \
         fresh["snapshots"][-1]["ops"]["add"]["gradient/leading"]["R"]
+
+
+def test_a_scan_killed_part_way_continues_from_its_saved_responses(run, tmp_path, monkeypatch):
+    task, model, store = run
+    cfg = ScanConfig(window=3, k=2, n_probes=16, n_random=3, fd_compare=True)
+    idx = snapshot_indices(len(store), 4)
+    whole = TrajectoryScan(model, task, store, cfg, progress=False).run(len(store), idx)
+    path = tmp_path / "responses.pt"
+    saves = []
+    real_save = TrajectoryScan.save_responses
+
+    def killed_after_two(self):
+        real_save(self)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed after its second measured snapshot
+
+    monkeypatch.setattr(TrajectoryScan, "save_responses", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        TrajectoryScan(model, task, store, cfg, progress=False, responses=path).run(len(store), idx)
+    monkeypatch.setattr(TrajectoryScan, "save_responses", real_save)
+    again = TrajectoryScan(model, task, store, cfg, progress=False, responses=path)
+    assert again.restored > 0
+    resumed = again.run(len(store), idx)
+    fresh_dirs = TrajectoryScan(model, task, store, cfg, progress=False)
+    fresh_dirs.run(len(store), idx)
+    # only the two snapshots it had not measured are measured again, and every number is the uninterrupted one
+    assert sum(again.measured_directions.values()) < sum(fresh_dirs.measured_directions.values())
+    assert resumed["snapshots"] == whole["snapshots"] and resumed["summary"] == whole["summary"]
+    # a cache written for another configuration, or a damaged file, is a miss, never an error
+    assert TrajectoryScan(model, task, store, ScanConfig(window=3, k=1, n_probes=16, n_random=3),
+                          progress=False, responses=path).restored == 0
+    path.write_bytes(b"not a torch file")
+    assert TrajectoryScan(model, task, store, cfg, progress=False, responses=path).restored == 0
+
+
+def test_an_interrupted_coupling_cell_resumes_training_and_scan_with_the_same_numbers(tmp_path, monkeypatch):
+    from sed_lens.grid import Cell, execute_cell
+
+    config = {"grokking": {"p": 7, "ops": ["add"], "seed": 3, "wandb_mode": "disabled", "sed": [],
+                           "train": {"steps": 40, "eval_every": 10, "checkpoint_every": 10, "stop_patience": 0}},
+              "scan": {"window": 2, "k": 1, "n_probes": 8, "n_random": 3, "n_snapshots": 4, "analysis_seeds": 2},
+              "every": 4, "artifacts": True}
+
+    grid_cell = Cell("add-s3", "sed_lens.experiments.coupling:coupling_cell", config)
+    whole = execute_cell(grid_cell, str(tmp_path / "whole"))
+    cut = tmp_path / "cut"
+    real_take = SnapshotStore.take
+
+    def killed_at_step_24(self, trainer):
+        if trainer.step == 24:
+            raise KeyboardInterrupt
+        real_take(self, trainer)
+
+    monkeypatch.setattr(SnapshotStore, "take", killed_at_step_24)
+    with pytest.raises(KeyboardInterrupt):
+        execute_cell(grid_cell, str(cut))
+    monkeypatch.setattr(SnapshotStore, "take", real_take)
+    assert (cut / "checkpoints" / "last.pt").is_file() and not (cut / "cell.json").exists()
+    real_save = TrajectoryScan.save_responses
+
+    def killed_in_the_scan(self):
+        real_save(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrajectoryScan, "save_responses", killed_in_the_scan)
+    with pytest.raises(KeyboardInterrupt):
+        execute_cell(grid_cell, str(cut))  # training resumes from step 20 and finishes; the scan is killed
+    monkeypatch.setattr(TrajectoryScan, "save_responses", real_save)
+    assert (cut / "responses.pt").is_file() and (cut / "snapshots").is_dir()
+    resumed = execute_cell(grid_cell, str(cut))
+
+    def numbers(summary):
+        out = {k: v for k, v in summary.items() if k != "timings"}
+        out["train"] = {k: v for k, v in out["train"].items() if k not in ("wall_time_s", "timings")}
+        return out
+
+    assert numbers(resumed) == numbers(whole)
+    assert len(json.loads((cut / "run.json").read_text())["resumes"]) == 2  # continued, not started over
+    steps = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no eval logged twice
+    measured = resumed["timings"]["measured_directions"]
+    assert sum(measured.values()) < sum(whole["timings"]["measured_directions"].values())  # the scan went on
+    assert not (cut / "snapshots").exists() and not (cut / "responses.pt").exists()  # only a cut run needs them
+    assert len(list((cut / "artifacts").glob("snapshot_*.pt"))) == 4

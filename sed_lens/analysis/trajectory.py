@@ -18,6 +18,7 @@ t = 0. Optional ablations: other window sizes (k = 1, peak R_1) and finite diffe
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
@@ -41,6 +42,7 @@ from sed_lens.subspace import ParamSubspace
 from sed_lens.task import Task
 
 ARTIFACT_FORMAT = "sed_lens.coupling_snapshot/1"
+RESPONSES_FORMAT = "sed_lens.coupling_responses/1"
 BASES_FORMAT = "sed_lens.coupling_bases/1"
 
 
@@ -66,6 +68,11 @@ def snapshot_indices(n: int, count: int) -> list[int]:
 def random_seed_at(base: int, index: int) -> int:
     """The seed of the random directions at snapshot ``index`` (a fresh draw at every snapshot)."""
     return (base * 1_000_003 + index) % (2**63)
+
+
+def _as_tuple(x: Any) -> Any:
+    """JSON lists back to the tuples a cache key is made of (nested)."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list) else x
 
 
 def tensor_digest(t: Tensor) -> str:
@@ -117,10 +124,16 @@ class TrajectoryScan:
 
     Analysis seed ``a`` shifts the seeds of the gradient batch, the probes and the random directions by ``a``
     (``a = 0`` is the configuration as given).
+
+    ``responses``: a file that keeps the response cache across processes. It is read when the scan starts (if it
+    exists and was written for this trajectory and configuration; otherwise it is ignored) and rewritten after
+    every measured snapshot that measured something new, so a scan killed part-way continues where it stopped
+    and gives the same numbers as an uninterrupted one.
     """
 
     def __init__(self, model: HookedTransformer, task: Task, snapshots: Iterable[tuple[int, dict[str, Tensor]]],
-                 cfg: ScanConfig | None = None, subspace: ParamSubspace | None = None, progress: bool = True) -> None:
+                 cfg: ScanConfig | None = None, subspace: ParamSubspace | None = None, progress: bool = True,
+                 responses: str | Path | None = None) -> None:
         self.cfg = cfg or ScanConfig()
         self.cfg.validate()
         self.model, self.task, self.progress = model, task, progress
@@ -134,6 +147,50 @@ class TrajectoryScan:
         self._loaded: int | None = None
         self.timings: dict[str, float] = {}  # seconds: stream vectors, SED bases, responses per method
         self.measured_directions: dict[str, int] = {}  # directions measured per method (cache misses)
+        self.responses_path = Path(responses) if responses is not None else None
+        self._unsaved = False
+        self.restored = self._restore_responses()  # responses read back from an earlier, interrupted scan
+
+    # --- the response cache on disk ----------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """What the cached responses depend on: the scan configuration, the snapshot steps, the task's ops and
+        the weights of the last snapshot (so a cache of another trajectory is never reused)."""
+        last = self.snaps[-1][1]
+        weights = torch.cat([last[n].detach().flatten().to(torch.float64).cpu() for n in sorted(last)])
+        text = repr((asdict(self.cfg), self.steps, tuple(self.task.ops), tensor_digest(weights)))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _restore_responses(self) -> int:
+        from sed_lens.serialization import load
+
+        path = self.responses_path
+        if path is None or not path.is_file():
+            return 0
+        try:
+            data = load(path)
+        except Exception:  # noqa: BLE001 - a torn or foreign file is a cache miss, never an error
+            return 0
+        if not isinstance(data, dict) or data.get("format") != RESPONSES_FORMAT or data.get("fingerprint") != self.fingerprint():
+            return 0
+        for key, value in zip(data["keys"], data["values"], strict=True):
+            self._cache[_as_tuple(json.loads(key))] = value
+        return len(data["keys"])
+
+    def save_responses(self) -> None:
+        """Write the response cache to ``responses`` (atomically) if it holds anything not yet written."""
+        if self.responses_path is None or not self._unsaved:
+            return
+        import io
+
+        from sed_lens.serialization import plain
+        from sed_lens.tracking import atomic_write_bytes
+
+        buf = io.BytesIO()
+        keys = list(self._cache)
+        torch.save(plain({"format": RESPONSES_FORMAT, "fingerprint": self.fingerprint(),
+              "keys": [json.dumps(list(k)) for k in keys], "values": [self._cache[k] for k in keys]}), buf)
+        atomic_write_bytes(self.responses_path, buf.getvalue())
+        self._unsaved = False
 
     # --- inputs --------------------------------------------------------------------------------------------
     def streams(self, seed: int) -> dict[str, list[Tensor]]:
@@ -189,6 +246,7 @@ class TrajectoryScan:
             for rid, d in todo:
                 self._cache[(*key, rid)] = A[i:i + d.shape[0]]
                 i += d.shape[0]
+            self._unsaved = True
             self._time(f"responses/{method}", t0)
             self.measured_directions[method] = self.measured_directions.get(method, 0) + dirs.shape[0]
         return [self._cache[(*key, rid)] for rid, _ in requests]
@@ -272,6 +330,7 @@ class TrajectoryScan:
                                                     "median_random": float(A_fd_rand.median())}
                 row["ops"][op] = res
             rows.append(row)
+            self.save_responses()
             if art_dir is not None:
                 save_artifact(art_dir, self.model, subspace, t, self.steps[t],
                               {str(k): bases[k][t][0].directions.float() for k in keys}, rand, seed, probes, eps, cfg, row)

@@ -16,6 +16,7 @@ type ``coupling-summary`` (local directory OUT/summary/) with the summary tables
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +34,7 @@ from sed_lens.configs import GridOptions, ModelOptions, ScanConfig, TrackingOpti
 from sed_lens.errors import check
 from sed_lens.experiments.cell_id import SINGLE, CellId, parse_cells
 from sed_lens.experiments.grokking import TRACKING_KEYS, GrokkingConfig, build, open_run, train
-from sed_lens.grid import Cell, raise_failures, run_grid
+from sed_lens.grid import Cell, raise_failures, resumable, run_grid, same_config
 from sed_lens.rendering import (
     Block,
     Details,
@@ -118,8 +119,15 @@ class CouplingConfig(ModelOptions, TrackingOptions, GridOptions):
 
 
 # --- one run ------------------------------------------------------------------------------------------------
+@resumable
 def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Grid target: train one run with snapshots, measure the coupling along it, write the run directory.
+
+    Resumable: the snapshots go to ``RUN_DIR/snapshots`` and training writes checkpoints (every
+    ``train.checkpoint_every`` steps), and the scan keeps its measured responses in ``RUN_DIR/responses.pt``. So
+    an interrupted cell continues training from its last checkpoint, or its scan from the last measured
+    snapshot, and returns the same summary as an uninterrupted one. The snapshots and the responses file are
+    deleted when the cell is complete (the per-snapshot artifacts keep what recomputes every reported R).
 
     With ``train.post_grok_steps`` the run goes on past the stop rule and is scanned twice from the same
     trajectory: as the stop-rule run (its snapshots up to the stop step, the published protocol) and as the
@@ -132,24 +140,30 @@ def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     from sed_lens.training import curves
 
     gcfg = config_from_dict(GrokkingConfig, {**config["grokking"], "run_dir": run_dir, "progress": False})
-    # An interrupted grid cell is run again from the start, so a coupling cell's checkpoints (which would carry
-    # every in-memory snapshot) are never read: it writes none.
-    gcfg = replace(gcfg, train=replace(gcfg.train, checkpoint_every=0))
     scan = config_from_dict(ScanConfig, config["scan"])
-    store = SnapshotStore(config["every"])
+    path = Path(run_dir)
+    logged = {"experiment": "coupling", **config}
+    resume = (path / "config.json").is_file() and same_config(
+        json.loads((path / "config.json").read_text()), to_jsonable(logged), TRACKING_KEYS)
+    if path.exists() and not resume:
+        shutil.rmtree(path)  # killed before it wrote its settings, or another cell's leftovers: start over
+    store = SnapshotStore(config["every"], path / "snapshots")
     t_start = time.perf_counter()
-    with open_run(gcfg, {"experiment": "coupling", **config}, job_type="coupling") as tracker:
-        result, task, model = train(gcfg, tracker, [store])
+    with open_run(gcfg, logged, job_type="coupling", resume=resume) as tracker:
+        result, task, model = train(gcfg, tracker, [store], resume=resume)
         t_trained = time.perf_counter()
         subspace = ParamSubspace.attention(model)
         scans = scan_lengths(model, task, store, scan, result, subspace, stop_acc=gcfg.train.stop_acc,
-                             artifacts=Path(run_dir) / "artifacts" if config["artifacts"] else None)
+                             artifacts=path / "artifacts" if config["artifacts"] else None,
+                             responses=path / "responses.pt")
         main = scans["stop_rule"][0]
         t_scanned = time.perf_counter()
         figs = write_outputs(tracker.dir, main, result.history, task.ops)
         save_bases(tracker.dir / "sed_bases.pt", scans["bases"], main["summary"], subspace, scan)
         tracker.summary({"coupling": main["summary"]})
         log_run(tracker, main, figs, gcfg.seed)
+    shutil.rmtree(path / "snapshots", ignore_errors=True)  # ≈1.2 MB per snapshot: only an interrupted cell needs them
+    (path / "responses.pt").unlink(missing_ok=True)
     timings = {"train": t_trained - t_start, "scan": t_scanned - t_trained, "outputs": time.perf_counter() - t_scanned,
                "scan_parts": scans["timings"], "measured_directions": scans["measured_directions"]}
     return {"timings": to_jsonable(timings), "train": result.summary(), "coupling": main["summary"], "measured": main["measured"],
@@ -159,7 +173,7 @@ def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 
 def scan_lengths(model: Any, task: Any, store: SnapshotStore, scan: ScanConfig, result: Any, subspace: ParamSubspace,
-                 stop_acc: float = 0.98, artifacts: Path | None = None) -> dict[str, Any]:
+                 stop_acc: float = 0.98, artifacts: Path | None = None, responses: Path | None = None) -> dict[str, Any]:
     """Scans of one trained trajectory: ``{"stop_rule": {seed: scan}, "post_grok": {seed: scan}, "bases": …}``
     (``post_grok`` only when the run trained past its stop rule). The stop-rule run is the snapshots up to the step
     at which the stop rule fired (all of them when it never fired or training stopped there)."""
@@ -172,7 +186,7 @@ def scan_lengths(model: Any, task: Any, store: SnapshotStore, scan: ScanConfig, 
     if n_stop < len(steps):
         lengths["post_grok"] = (len(steps), extended_indices(measured, len(steps)))
     phases = {op: phase_bounds(result.history, op, end_acc=stop_acc) for op in task.ops}
-    engine = TrajectoryScan(model, task, store, scan, subspace, progress=False)
+    engine = TrajectoryScan(model, task, store, scan, subspace, progress=False, responses=responses)
     out: dict[str, Any] = {name: {} for name in lengths}
     bases: dict[str, Any] = {}
     for a in range(scan.analysis_seeds):
