@@ -215,8 +215,11 @@ def run_grid(cells: Sequence[Cell], root: str | Path, backend: str = "local", wo
                 if on_done is not None:
                     on_done(results[c.name])
         else:
+            # One fresh process per cell (max_tasks_per_child=1): a cell's memory is returned when it ends, and a
+            # long grid picks up an upgraded sed_lens for the cells it has not started (start-up: a few seconds).
             with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn"),
-                                     initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+                                     initializer=die_with_parent, initargs=(os.getpid(),),
+                                     max_tasks_per_child=1) as pool:
                 futures: dict[Future[Any], Cell] = {
                     pool.submit(_execute_safely, c, str(root / c.name), threads): c for c in todo}
                 for fut in as_completed(futures):
