@@ -341,6 +341,23 @@ class ScanConfig(Config):
     fd_compare: bool = field(default=False, metadata={
         "help": "also measure the paper's finite difference (at --eps-rel) beside the exact value, on the first "
                 "alignment of each source (main analysis seed)"})
+    per_op_inputs: bool = field(default=False, metadata={
+        "help": "multitask only: also measure the scan with the author's per-op conventions, beside the standard "
+                "one (one gradient batch and probe set shared by all ops): per op its own gradient batch "
+                "(--grad-batch-size pairs) for its task_gradient SED and its own probe set (--n-probes) for every key "
+                "(update, gradient, task_gradient), drawn as a single-op task of that op would draw them (pairs from "
+                "0..p-1, from 1..p-1 for mul only); first alignment, keys SOURCE[/OP]/ALIGN/per_op"})
+
+    later_options: ClassVar[tuple[str, ...]] = ("per_op_inputs",)
+    """Options added after results were kept: :meth:`to_dict` leaves them out while they hold their default."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """``asdict(self)`` without the :attr:`later_options` that hold their default: the config of a scan that does
+        not use them is the one written before they existed (finished runs are matched by their config, and a scan's
+        cached responses by a fingerprint of it)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if not (k in self.later_options and v == defaults[k])}
 
     def validate(self) -> None:
         super().validate()  # the choices of method, readout, aligns and sources are checked on construction

@@ -166,6 +166,14 @@ class ModularArithmetic:
         """The same task (pairs, split, labels) with another token layout."""
         return ModularArithmetic(self.p, self.ops, self.train_frac, self.seed, layout)
 
+    def single_op(self, op: str) -> ModularArithmetic:
+        """The task of ``op`` alone with this task's p, train fraction, seed and layout: its pairs are those a run of
+        that op alone has (0..p-1, or 1..p-1 for a ``nonzero`` op such as ``mul``; a multitask task restricts every
+        op to 1..p-1 as soon as one op is ``nonzero``), laid out as the same tokens, so its batches and probes feed
+        a model of this task directly (the per-op inputs of a multitask coupling scan)."""
+        check(op in self.ops, f"op {op!r} is not one of this task's ops ({', '.join(self.ops)}).")
+        return ModularArithmetic(self.p, (op,), self.train_frac, self.seed, self.layout)
+
     def _tokens(self, pairs: Tensor) -> Tensor:
         if self.layout == "ab=":
             eq = torch.full((len(pairs), 1), self.p, dtype=torch.long)

@@ -144,3 +144,40 @@ def test_control_condition_is_a_plain_grokking_run_and_update_method_runs(tmp_pa
     assert removed[-1]["train/loss"] != plain[-1]["train/loss"]
     table = (out / "intervention.md").read_text()
     assert "| B remove SED |" in table and "1.21×" in table
+
+
+def test_an_interrupted_intervention_cell_resumes_from_its_checkpoint_with_the_same_result(tmp_path, monkeypatch):
+    from sed_lens.grid import Cell, execute_cell
+    from sed_lens.hooks.interventions import SubspaceProjection
+
+    grok = {"ops": ["add"], "p": 11, "seed": 5, "wandb_mode": "disabled", "train_frac": 0.8, "init": "tl",
+            "train": {"steps": 40, "batch_size": 64, "eval_every": 5, "checkpoint_every": 10, "grok_acc": 0.99,
+                      "lr": 3e-3, "weight_decay": 0.1}}
+    config = {"condition": "B", "grokking": grok,
+              "projection": {"k": 2, "mode": "remove", "basis": "sed", "apply_to": "gradient", "window": 4,
+                             "warmup": 4, "seed": 5}}
+    c = Cell("B-remove-sed-s5", "sed_lens.experiments.intervention:grid_cell", config)
+    whole = execute_cell(c, str(tmp_path / "whole"))
+    real = SubspaceProjection.on_after_step
+
+    def killed_at_step_27(self, trainer):
+        if trainer.step == 27:
+            raise KeyboardInterrupt
+        real(self, trainer)
+
+    monkeypatch.setattr(SubspaceProjection, "on_after_step", killed_at_step_27)
+    with pytest.raises(KeyboardInterrupt):
+        execute_cell(c, str(tmp_path / "cut"))
+    monkeypatch.setattr(SubspaceProjection, "on_after_step", real)
+    resumed = execute_cell(c, str(tmp_path / "cut"))
+    meta = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert len(meta["resumes"]) == 1  # continued from its step-20 checkpoint, not started over
+
+    def numbers(s):
+        return {k: v for k, v in s.items() if k not in ("wall_time_s", "timings")}
+
+    assert numbers(resumed) == numbers(whole)
+    # another config in the same directory is never continued: it starts over
+    other = Cell(c.name, c.target, {**config, "grokking": {**grok, "seed": 6}})
+    execute_cell(other, str(tmp_path / "cut"))
+    assert not json.loads((tmp_path / "cut" / "run.json").read_text()).get("resumes")

@@ -40,7 +40,9 @@ def test_every_key_of_the_committed_results_round_trips():
     ScanKey("update", "leading"), ScanKey("gradient", "trailing"), ScanKey("task_gradient", "leading", "add"),
     ScanKey("task_gradient", "trailing", "sq"), ScanKey("gradient", "trailing", window=40),
     ScanKey("task_gradient", "leading", "mul", window=1), ScanKey("update", "leading", fd_eps=0.005),
-    ScanKey("task_gradient", "leading", "add", fd_eps=0.001), ScanKey("gradient", "leading", fd_eps=1e-5)])
+    ScanKey("task_gradient", "leading", "add", fd_eps=0.001), ScanKey("gradient", "leading", fd_eps=1e-5),
+    ScanKey("update", "leading", inputs="per_op"), ScanKey("gradient", "trailing", inputs="per_op"),
+    ScanKey("task_gradient", "leading", "mul", inputs="per_op")])
 def test_every_key_a_scan_writes_round_trips(key):
     assert ScanKey.parse(str(key)) == key
     assert hash(ScanKey.parse(str(key))) == hash(key)
@@ -83,6 +85,31 @@ def test_a_key_that_names_no_measurement_cannot_be_made(kwargs, match):
         ScanKey(**kwargs)
     with pytest.raises(SedLensError, match="no finite-difference variant"):
         ScanKey("gradient", "leading", window=5).with_fd_eps(0.005)
+
+
+def test_the_per_op_inputs_variant_writes_its_own_strings_and_leaves_the_others_unchanged():
+    per_op = ScanKey("task_gradient", "leading", "add").with_inputs()
+    assert str(per_op) == "task_gradient/add/leading/per_op" and per_op.variant == "per_op"
+    assert str(ScanKey("update", "leading").with_inputs("per_op")) == "update/leading/per_op"
+    assert str(ScanKey("gradient", "leading", inputs="per_op")) == "gradient/leading/per_op"
+    key = ScanKey.parse("task_gradient/mul/leading/per_op")
+    assert (key.source, key.op, key.align, key.window, key.fd_eps, key.inputs) == \
+        ("task_gradient", "mul", "leading", None, None, "per_op")
+    assert not key.is_main and key.main == ScanKey("task_gradient", "leading", "mul") and key.stream == "task_gradient/mul"
+    assert key != key.main and ScanKey.parse(str(key.main)).inputs is None  # the standard key's string is unchanged
+    assert str(key.main) == "task_gradient/mul/leading"
+    for text in ("gradient/leading/per_op/W=5", "gradient/leading/per_task", "gradient/leading/fd_eps=0.005/per_op",
+                 "gradient/per_op", "task_gradient/add/per_op"):
+        with pytest.raises(SedLensError, match="is not a scan key"):
+            ScanKey.parse(text)
+    with pytest.raises(SedLensError, match="at most one variant"):
+        ScanKey("gradient", "leading", fd_eps=0.005, inputs="per_op")
+    with pytest.raises(SedLensError, match="unknown scan key inputs"):
+        ScanKey("gradient", "leading", inputs="shared")
+    with pytest.raises(SedLensError, match="no finite-difference variant"):
+        per_op.with_fd_eps(0.005)
+    with pytest.raises(SedLensError, match="no inputs variant"):
+        ScanKey("gradient", "leading", window=5).with_inputs()
 
 
 def test_parse_keys_reads_a_json_map_typed_in_order_without_the_random_entry():

@@ -115,6 +115,168 @@ def test_multitask_scan_measures_each_ops_own_stream():
     assert "task_gradient/mul/leading" in out["summary"]["mul"]
 
 
+# --- the per-op variant of a multitask scan (the author's conventions) --------------------------------------------
+PER_OP_CFG = dict(n_snapshots=3, window=2, k=2, n_probes=48, n_random=3, grad_batch_size=64, analysis_seeds=1)
+
+
+@pytest.fixture(scope="module")
+def multitask_run(tmp_path_factory):
+    """A tiny multitask run (p 11, add and mul) scanned with and without the per-op variant (artifacts kept)."""
+    task = ModularArithmetic(p=11, ops=("add", "mul"), seed=0)
+    model = build_model("xu2026", task, seed=0)
+    store = SnapshotStore(every=4)
+    Trainer(model, task, TrainConfig(steps=24, eval_every=8, checkpoint_every=0), [store], progress=False).fit()
+    idx = snapshot_indices(len(store), PER_OP_CFG["n_snapshots"])
+    art = tmp_path_factory.mktemp("per_op_artifacts")
+    on = TrajectoryScan(model, task, store, ScanConfig(**PER_OP_CFG, per_op_inputs=True), progress=False)
+    with_variant = on.run(len(store), idx, artifacts=art)
+    without = TrajectoryScan(model, task, store, ScanConfig(**PER_OP_CFG), progress=False).run(len(store), idx)
+    return task, store, on, with_variant, without, art
+
+
+def own_draw_seed(base, op):
+    """The per-op seed as the docs state it: (base · 1_000_003 + crc32(op)) mod 2³²."""
+    import zlib
+
+    return (base * 1_000_003 + zlib.crc32(op.encode())) % 2**32
+
+
+def flat_grad(model, loss, S):
+    """d loss / d (attention weights) by torch.autograd.grad, in the subspace's parameter order (all heads)."""
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss, [params[s["name"]] for s in S.describe()])
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def test_the_per_op_variant_draws_each_ops_inputs_as_a_single_op_task_would(multitask_run):
+    task, store, engine, out, _, art = multitask_run
+    stored = torch.load(art / f"snapshot_{out['snapshots'][0]['step']:06d}.pt", weights_only=True)
+    probes = stored["per_op_probes"]
+    n = PER_OP_CFG["n_probes"]
+    mul, add = probes["mul"]["tokens"], probes["add"]["tokens"]
+    assert mul.shape == add.shape == (n, 2)
+    assert int(mul.min()) >= 1  # mul: pairs from 1..p-1, as the multitask grid
+    assert bool((add == 0).any())  # add: pairs from the whole 0..p-1 grid, as a single-op add task draws them
+    assert int(stored["probes"]["tokens"].min()) >= 1  # the standard probes: the multitask grid, 1..p-1 for every op
+    assert len({tuple(r) for r in add.tolist()}) == n  # distinct pairs
+    a, b = add[:, 0], add[:, 1]
+    assert torch.equal(probes["add"]["labels"]["add"], (a + b) % 11)
+    assert torch.equal(probes["mul"]["labels"]["mul"], (mul[:, 0] * mul[:, 1]) % 11)
+    # the probes of a single-op task of that op, with the seed the docs give
+    for op in ("add", "mul"):
+        single = ModularArithmetic(p=11, ops=(op,), seed=0)
+        want = single.probes(n, own_draw_seed(0, op))[0]
+        assert torch.equal(probes[op]["tokens"], want), op
+    # each op's own gradient batch: grad_batch_size pairs of its single-op grid by RandomState(seed)
+    for op, has_zero in (("add", True), ("mul", False)):
+        tokens, labels = engine.op_inputs(0)[op].batch
+        single = ModularArithmetic(p=11, ops=(op,), seed=0)
+        pick = np.random.RandomState(own_draw_seed(0, op)).randint(0, len(single.tokens), size=PER_OP_CFG["grad_batch_size"])
+        assert torch.equal(tokens, single.tokens[torch.from_numpy(pick)]) and set(labels) == {op}
+        assert bool((tokens == 0).any()) == has_zero
+
+
+def test_the_per_op_task_gradient_is_a_backward_pass_of_that_ops_loss_on_its_own_batch(multitask_run):
+    task, store, engine, _, _, _ = multitask_run
+    model = build_model("xu2026", task, seed=0)
+    S = ParamSubspace.attention(model)
+    streams = engine.per_op_streams(0)
+    states = [state for _, state in store]
+    for t in (1, len(states) - 1):
+        model.load_state_dict(states[t])
+        for op in ("add", "mul"):
+            single = ModularArithmetic(p=11, ops=(op,), seed=0)
+            pick = np.random.RandomState(own_draw_seed(0, op)).randint(0, len(single.tokens),
+                                                                       size=PER_OP_CFG["grad_batch_size"])
+            tokens = single.tokens[torch.from_numpy(pick)]
+            loss = op_losses(model, tokens, {op: single.labels[op][torch.from_numpy(pick)]})[op]
+            want = flat_grad(model, loss, S)
+            assert want.shape == (S.dim,)
+            torch.testing.assert_close(streams[op][t], want, rtol=1e-5, atol=1e-7)
+            # not the standard per-op gradient, which is on the batch shared by every op
+            assert not torch.allclose(engine.streams(0)[f"task_gradient/{op}"][t], want, rtol=1e-3, atol=1e-6)
+
+
+def test_the_per_op_R_is_the_coupling_of_those_directions_on_those_probes(multitask_run):
+    from sed_lens.analysis.coupling import coupling
+
+    task, store, engine, out, _, art = multitask_run
+    model = build_model("xu2026", task, seed=0)
+    S = ParamSubspace.attention(model)
+    states = [state for _, state in store]
+    W, k, n = PER_OP_CFG["window"], PER_OP_CFG["k"], len(states)
+    # the per-op gradient stream of mul, computed here by plain autograd on mul's own batch
+    single = ModularArithmetic(p=11, ops=("mul",), seed=0)
+    pick = torch.from_numpy(np.random.RandomState(own_draw_seed(0, "mul")).randint(
+        0, len(single.tokens), size=PER_OP_CFG["grad_batch_size"]))
+    grads = []
+    for state in states:
+        model.load_state_dict(state)
+        grads.append(flat_grad(model, op_losses(model, single.tokens[pick], {"mul": single.labels["mul"][pick]})["mul"], S))
+    for row in out["snapshots"]:
+        t = row["index"]
+        model.load_state_dict(states[t])
+        stored = torch.load(art / f"snapshot_{row['step']:06d}.pt", weights_only=True)
+        lo, hi = window_bounds(t, n, W, "leading")
+        vt = np.linalg.svd(torch.stack(grads[lo:hi]).double().numpy(), full_matrices=False)[2][:k]
+        dirs = torch.from_numpy(vt).float()
+        got = stored["directions"]["task_gradient/mul/leading/per_op"].double().numpy()
+        r = min(k, hi - lo)
+        assert np.all(np.abs((got[:r] * vt[:r]).sum(1)) > 1 - 1e-4), t
+        rand = S.random_directions(PER_OP_CFG["n_random"], torch.Generator().manual_seed(row["random_seed"]))
+        probes = single.probes(PER_OP_CFG["n_probes"], own_draw_seed(0, "mul"))
+        want = coupling(model, S, dirs[:r], probes, random_directions=rand, method="hvp", task="mul")
+        res = row["ops"]["mul"]["task_gradient/mul/leading/per_op"]
+        np.testing.assert_allclose(res["R"][:r], want.R.numpy(), rtol=2e-3)
+        assert res["median_random"] == pytest.approx(float(want.A_random.median()), rel=1e-4)
+        # update SED: the standard directions, measured on add's own probes (with 0 operands)
+        if "update/leading/per_op" in row["ops"]["add"]:
+            upd = stored["directions"]["update/leading"]
+            add_probes = ModularArithmetic(p=11, ops=("add",), seed=0).probes(PER_OP_CFG["n_probes"], own_draw_seed(0, "add"))
+            want_u = coupling(model, S, upd, add_probes, random_directions=rand, method="hvp", task="add")
+            np.testing.assert_allclose(row["ops"]["add"]["update/leading/per_op"]["R"], want_u.R.numpy(), rtol=1e-4)
+    # every R the artifact holds is recomputed from it alone, the per-op keys on their own probes
+    for row in out["snapshots"]:
+        again = recompute_artifact(art / f"snapshot_{row['step']:06d}.pt")
+        assert "task_gradient/mul/leading/per_op" in again["mul"] and "gradient/leading/per_op" in again["add"]
+        for op, by_key in again.items():
+            for key, R in by_key.items():
+                np.testing.assert_allclose(R, row["ops"][op][key]["R"], rtol=1e-4)
+
+
+def test_the_per_op_variant_leaves_the_standard_keys_as_they_were(multitask_run, tmp_path):
+    task, store, engine, on, off, _ = multitask_run
+    variant = {"update/leading/per_op", "gradient/leading/per_op"}
+    assert set(on["summary"]["add"]) == set(off["summary"]["add"]) | variant | {"task_gradient/add/leading/per_op"}
+    assert set(on["summary"]["mul"]) == set(off["summary"]["mul"]) | variant | {"task_gradient/mul/leading/per_op"}
+    for a, b in zip(on["snapshots"], off["snapshots"], strict=True):
+        for op in task.ops:
+            assert {k: v for k, v in a["ops"][op].items() if not k.endswith("/per_op")} == b["ops"][op]
+    for op in task.ops:
+        assert {k: v for k, v in on["summary"][op].items() if not k.endswith("/per_op")} == off["summary"][op]
+    # the option off writes the config (and the cache fingerprint) of a scan from before it existed
+    assert "per_op_inputs" not in ScanConfig(**PER_OP_CFG).to_dict()
+    assert ScanConfig(**PER_OP_CFG, per_op_inputs=True).to_dict()["per_op_inputs"] is True
+    # a single-task scan with the option measures no variant
+    single = ModularArithmetic(p=11, ops=("add",), seed=0)
+    model = build_model("xu2026", single, seed=0)
+    assert not TrajectoryScan(model, single, store, ScanConfig(**PER_OP_CFG, per_op_inputs=True), progress=False).per_op
+
+
+def test_the_per_op_responses_resume_from_the_cache_on_disk(multitask_run, tmp_path):
+    task, store, _, on, _, _ = multitask_run
+    cfg = ScanConfig(**PER_OP_CFG, per_op_inputs=True)
+    model = build_model("xu2026", task, seed=0)
+    idx = snapshot_indices(len(store), PER_OP_CFG["n_snapshots"])
+    path = tmp_path / "responses.pt"
+    first = TrajectoryScan(model, task, store, cfg, progress=False, responses=path)
+    assert first.run(len(store), idx)["snapshots"] == on["snapshots"]
+    again = TrajectoryScan(model, task, store, cfg, progress=False, responses=path)
+    assert again.restored > 0 and again.run(len(store), idx)["snapshots"] == on["snapshots"]
+    assert again.measured_directions == {}  # every response, the per-op ones included, came from the file
+    # the standard scan of the same trajectory does not take the variant's cache for its own
+    assert TrajectoryScan(model, task, store, ScanConfig(**PER_OP_CFG), progress=False, responses=path).restored == 0
+
 def call(main, argv, capsys):
     return call_main(main, argv, capsys, "coupling")
 

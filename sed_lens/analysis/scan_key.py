@@ -3,10 +3,12 @@
 A scan (:func:`~sed_lens.analysis.trajectory.scan_coupling`) measures, per op, the SED bases of every stream
 (``update``, ``gradient``, and for a multitask model ``task_gradient`` of each op) with each window alignment
 (``leading``, ``trailing``), and optionally variants of them: the window ablation (gradient SED at another window
-W, k = 1) and the paper's finite difference at some ε_rel beside the exact value. In memory a key is a
-``ScanKey``; in JSON (``coupling.json``, ``cell.json``, the reproduction's results) and in ``.pt`` files it is the
-string ``str(key)``, e.g. ``gradient/leading``, ``task_gradient/add/leading``, ``gradient/trailing/W=5``,
-``update/leading/fd_eps=0.005``. :meth:`ScanKey.parse` is the only reader of that string and :func:`parse_keys`
+W, k = 1), the paper's finite difference at some ε_rel beside the exact value, and, for a multitask model, the
+author's per-op inputs (``per_op``: each op measured on its own probes, its ``task_gradient`` on its own gradient
+batch; :attr:`ScanKey.inputs`). In memory a key is a ``ScanKey``; in JSON (``coupling.json``, ``cell.json``, the
+reproduction's results) and in ``.pt`` files it is the string ``str(key)``, e.g. ``gradient/leading``,
+``task_gradient/add/leading``, ``gradient/trailing/W=5``, ``update/leading/fd_eps=0.005``,
+``task_gradient/mul/leading/per_op``. :meth:`ScanKey.parse` is the only reader of that string and :func:`parse_keys`
 the deserialiser of a JSON map keyed by it; nothing else takes a key string apart.
 """
 
@@ -25,6 +27,12 @@ RANDOM = "random"
 
 V = TypeVar("V")
 
+PER_OP = "per_op"
+"""The :attr:`ScanKey.inputs` of the per-op variant of a multitask scan (:class:`~sed_lens.configs.ScanConfig`'s
+``per_op_inputs``)."""
+INPUTS: tuple[str, ...] = (PER_OP,)
+"""The input conventions a scan key can name beside the standard one (None: one shared gradient batch and probe set)."""
+
 
 def stream_name(source: str, op: str | None = None) -> str:
     """A stream's name as SED capture and the scan's ``metrics.jsonl`` keys spell it: ``update``, ``gradient``,
@@ -39,8 +47,10 @@ class ScanKey:
     ``source``: ``update``, ``gradient`` or ``task_gradient`` (with the ``op`` whose loss it is the gradient of);
     ``align``: ``leading`` or ``trailing``. Variants (at most one): ``window`` — the window ablation, gradient SED
     at window W with k = 1; ``fd_eps`` — the same directions measured with the central finite difference at
-    ε_rel = ``fd_eps`` (kept as its key writes it, 6 significant digits). A key without a variant is a main
-    measurement (:attr:`is_main`).
+    ε_rel = ``fd_eps`` (kept as its key writes it, 6 significant digits); ``inputs`` — ``"per_op"``, the multitask
+    scan with the author's per-op conventions: the op's own probe set (and, for ``task_gradient``, SED of the op's
+    gradient on its own gradient batch; ``update`` and ``gradient`` keep the standard directions), see
+    :mod:`sed_lens.analysis.trajectory`. A key without a variant is a main measurement (:attr:`is_main`).
     """
 
     source: str
@@ -48,6 +58,7 @@ class ScanKey:
     op: str | None = None
     window: int | None = None
     fd_eps: float | None = None
+    inputs: str | None = None
 
     def __post_init__(self) -> None:
         check(self.source in SOURCES, f"unknown scan stream {self.source!r}; choose from {', '.join(SOURCES)}.")
@@ -57,7 +68,10 @@ class ScanKey:
                   f"a task_gradient scan key needs the op it belongs to, got {self.op!r}.")
         else:
             check(self.op is None, f"only task_gradient scan keys name an op, got op {self.op!r} for {self.source}.")
-        check(self.window is None or self.fd_eps is None, "a scan key has at most one variant: a window or an fd_eps.")
+        check(sum(v is not None for v in (self.window, self.fd_eps, self.inputs)) <= 1,
+              "a scan key has at most one variant: a window, an fd_eps or its inputs.")
+        check(self.inputs is None or self.inputs in INPUTS,
+              f"unknown scan key inputs {self.inputs!r}; choose from {', '.join(INPUTS)} (or None: the standard ones).")
         if self.window is not None:
             check(isinstance(self.window, int) and not isinstance(self.window, bool) and self.window >= 1,
                   f"a scan key's window must be a positive integer, got {self.window!r}.")
@@ -74,24 +88,31 @@ class ScanKey:
 
     @property
     def is_main(self) -> bool:
-        """Whether this is a main measurement (no window or finite-difference variant)."""
-        return self.window is None and self.fd_eps is None
+        """Whether this is a main measurement (no window, finite-difference or inputs variant)."""
+        return self.window is None and self.fd_eps is None and self.inputs is None
 
     @property
     def main(self) -> ScanKey:
         """The main measurement this key is a variant of (the key itself when it has no variant)."""
-        return self if self.is_main else replace(self, window=None, fd_eps=None)
+        return self if self.is_main else replace(self, window=None, fd_eps=None, inputs=None)
 
     def with_fd_eps(self, eps: float) -> ScanKey:
         """This main measurement's directions measured with the central finite difference at ε_rel = ``eps``."""
-        check(self.window is None, f"a window-ablation key has no finite-difference variant: {self}.")
+        check(self.is_main, f"a variant key has no finite-difference variant: {self}.")
         return replace(self, fd_eps=eps)
+
+    def with_inputs(self, inputs: str = PER_OP) -> ScanKey:
+        """This main measurement under another input convention (``"per_op"``: the author's per-op inputs)."""
+        check(self.is_main, f"a variant key has no inputs variant: {self}.")
+        return replace(self, inputs=inputs)
 
     @property
     def variant(self) -> str:
-        """The variant as the key writes it: ``W=5``, ``fd_eps=0.005``, or ``""`` for a main measurement."""
+        """The variant as the key writes it: ``W=5``, ``fd_eps=0.005``, ``per_op``, or ``""`` for a main measurement."""
         if self.window is not None:
             return f"W={self.window}"
+        if self.inputs is not None:
+            return self.inputs
         return f"fd_eps={self.fd_eps:g}" if self.fd_eps is not None else ""
 
     def to_str(self) -> str:
@@ -104,14 +125,18 @@ class ScanKey:
     @classmethod
     def parse(cls, text: str) -> ScanKey:
         """The key written as ``text`` by :meth:`to_str`; :class:`SedLensError` if ``text`` is no scan key."""
-        form = "SOURCE[/OP]/ALIGN[/W=N or /fd_eps=E], e.g. 'gradient/leading' or 'task_gradient/add/leading/W=5'"
+        form = ("SOURCE[/OP]/ALIGN[/W=N or /fd_eps=E or /per_op], e.g. 'gradient/leading' or "
+                "'task_gradient/add/leading/W=5'")
         check(isinstance(text, str), f"a scan key is a string ({form}), got {text!r}.")
         parts = text.split("/")
         n = 2 if parts[0] == "task_gradient" else 1
         check(len(parts) in (n + 1, n + 2), f"{text!r} is not a scan key ({form}).")
         op = parts[1] if n == 2 else None
         window = fd_eps = None
-        if len(parts) == n + 2:
+        inputs = None
+        if len(parts) == n + 2 and parts[-1] in INPUTS:
+            inputs = parts[-1]
+        elif len(parts) == n + 2:
             name, sep, value = parts[-1].partition("=")
             check(sep == "=" and name in ("W", "fd_eps"), f"{text!r} is not a scan key: unknown variant {parts[-1]!r} ({form}).")
             try:
@@ -122,7 +147,7 @@ class ScanKey:
             except ValueError:
                 raise SedLensError(f"{text!r} is not a scan key: bad value in {parts[-1]!r} ({form}).") from None
         try:
-            key = cls(parts[0], parts[n], op, window, fd_eps)
+            key = cls(parts[0], parts[n], op, window, fd_eps, inputs)
         except SedLensError as e:
             raise SedLensError(f"{text!r} is not a scan key: {e}") from None
         check(key.to_str() == text, f"{text!r} is not a scan key as sed_lens writes it (that would be {key.to_str()!r}).")

@@ -13,6 +13,21 @@ Given the model states of a run at every snapshot (every 25 steps in the paper),
 Stream entries and snapshots: a gradient entry i belongs to snapshot i; the update entry j is θ_{j+1} − θ_j
 (the paper's ``np.diff``), so the trailing update window at snapshot t ends with entry t−1 and there is none at
 t = 0. Optional ablations: other window sizes (k = 1, peak R_1) and finite differences at other ε.
+
+Standard inputs: one fixed gradient batch (``grad_batch_size`` pairs of the task, :func:`gradient_batch`) and one
+probe set (``task.probes(n_probes)``), shared by all ops of a multitask model. ``ScanConfig(per_op_inputs=True)``
+on a multitask modular-arithmetic task also measures, on the same snapshots and random directions and in addition
+to the standard keys, the author's per-op conventions (keys ``…/per_op``, :meth:`ScanKey.with_inputs`; the first
+alignment only, every analysis seed): for each op, the single-op task of that op with the task's p, split seed and
+layout (:meth:`~sed_lens.tasks.ModularArithmetic.single_op`: pairs from 0..p-1, from 1..p-1 for ``mul`` only) gives
+
+* its own gradient batch — ``grad_batch_size`` pairs drawn by ``RandomState(op_seed(grad_batch_seed + a, op))``
+  from its ``grad_batch_split`` — on which the ``task_gradient/OP`` stream is recomputed (a backward pass of that
+  op's loss alone at every snapshot; :meth:`TrajectoryScan.per_op_streams`), and
+* its own probe set — ``task.probes(n_probes, op_seed(probe_seed + a, op))`` of the single-op task — on which
+  ``update``, ``gradient`` (the standard directions: the aggregated gradient stays on the shared batch) and that
+  ``task_gradient/OP`` are measured against the same random directions (``a``: the analysis seed;
+  :func:`op_seed`).
 """
 
 from __future__ import annotations
@@ -20,8 +35,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +48,15 @@ from tqdm import tqdm  # plain tqdm: tqdm.auto warns (TqdmWarning) in Jupyter wi
 from transformer_lens import HookedTransformer
 
 from sed_lens.analysis.coupling import centroid_response, perturbation_scale, ratios
-from sed_lens.analysis.scan_key import RANDOM, ScanKey, parse_keys
+from sed_lens.analysis.scan_key import PER_OP, RANDOM, ScanKey, parse_keys
 from sed_lens.analysis.sed import SEDBasis, sed_over_sequence, window_bounds
-from sed_lens.analysis.streams import capture_offline, gradient_batch
+from sed_lens.analysis.streams import capture_offline, gradient_batch, task_gradients
 from sed_lens.configs import ScanConfig
-from sed_lens.errors import check
+from sed_lens.errors import SedLensError, check
 from sed_lens.models import model_spec
 from sed_lens.subspace import ParamSubspace
-from sed_lens.task import Task
+from sed_lens.task import Batch, Task
+from sed_lens.tasks import ModularArithmetic
 
 ARTIFACT_FORMAT = "sed_lens.coupling_snapshot/1"
 RESPONSES_FORMAT = "sed_lens.coupling_responses/1"
@@ -77,6 +94,40 @@ def _as_tuple(x: Any) -> Any:
 
 def tensor_digest(t: Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def op_seed(base: int, op: str) -> int:
+    """The seed of one op's own draw in the per-op variant: ``base`` (the gradient batch's or the probes' seed of the
+    config plus the analysis seed) combined with the CRC-32 of the op's name, so each op draws independently of the
+    others and of their order: ``(base · 1_000_003 + crc32(op)) mod 2³²``."""
+    return (base * 1_000_003 + zlib.crc32(op.encode())) % 2**32
+
+
+@dataclass(frozen=True)
+class OpInputs:
+    """The inputs of one op in the per-op variant: its own gradient batch and probe set (``(tokens, {op: labels})``),
+    and the probe set's identity (a digest of its tokens and labels) that names it in the response cache."""
+
+    batch: Batch
+    probes: Batch
+    probe_id: str
+
+
+def per_op_inputs(task: Task, cfg: ScanConfig, analysis_seed: int = 0) -> dict[str, OpInputs]:
+    """The author's per-op inputs of a multitask modular-arithmetic task (see the module docstring), by op: the
+    single-op task of each op (same p, split seed and layout) draws its gradient batch and its probes."""
+    if not isinstance(task, ModularArithmetic):
+        raise SedLensError(f"per-op inputs are defined for modular-arithmetic tasks (a single-op task per op), not "
+                           f"{type(task).__name__}.")
+    out: dict[str, OpInputs] = {}
+    for op in task.ops:
+        single = task.single_op(op)
+        batch = gradient_batch(single, cfg.grad_batch_size, op_seed(cfg.grad_batch_seed + analysis_seed, op),
+                               cfg.grad_batch_split)
+        tokens, labels = single.probes(probe_count(single, cfg.n_probes), op_seed(cfg.probe_seed + analysis_seed, op))
+        digest = hashlib.sha256(f"{tensor_digest(tokens)}/{op}/{tensor_digest(labels[op])}".encode()).hexdigest()
+        out[op] = OpInputs(batch, (tokens, labels), digest[:16])
+    return out
 
 
 def stream_entry_index(stream: str, snapshot: int, align: str) -> int | None:
@@ -118,9 +169,10 @@ class TrajectoryScan:
     """The coupling of one trained trajectory, measured for several run lengths and analysis seeds.
 
     Stream vectors are computed once per gradient batch; centroid responses are cached by (snapshot, analysis
-    seed, op, method, ε, directions), where SED directions are named by their stream and window bounds. So a
-    scan of a longer run of the same trajectory (``n_snapshots`` larger) re-measures only the snapshots it adds
-    and those whose leading window the shorter run clamped; every other response is reused.
+    seed, op, method, ε, directions), where SED directions are named by their stream and window bounds — and, for
+    the per-op variant (``cfg.per_op_inputs``, see the module docstring), by the identity of the op's own probe
+    set as well. So a scan of a longer run of the same trajectory (``n_snapshots`` larger) re-measures only the
+    snapshots it adds and those whose leading window the shorter run clamped; every other response is reused.
 
     Analysis seed ``a`` shifts the seeds of the gradient batch, the probes and the random directions by ``a``
     (``a = 0`` is the configuration as given).
@@ -142,7 +194,12 @@ class TrajectoryScan:
         check(len(self.snaps) >= 2, f"a coupling scan needs at least 2 snapshots, got {len(self.snaps)}.")
         self.steps = [s for s, _ in self.snaps]
         self.sources = tuple(s for s in self.cfg.sources if s != "task_gradient" or task.multitask)
+        self.per_op = self.cfg.per_op_inputs and task.multitask  # also measure the per-op variant
+        check(not self.per_op or isinstance(task, ModularArithmetic),
+              "per-op inputs (per_op_inputs) are defined for modular-arithmetic tasks only.")
         self._streams: dict[int, dict[str, list[Tensor]]] = {}
+        self._op_inputs: dict[int, dict[str, OpInputs]] = {}
+        self._per_op_streams: dict[int, dict[str, list[Tensor]]] = {}
         self._cache: dict[tuple[Any, ...], Tensor] = {}
         self._loaded: int | None = None
         self.timings: dict[str, float] = {}  # seconds: stream vectors, SED bases, responses per method
@@ -157,7 +214,7 @@ class TrajectoryScan:
         the weights of the last snapshot (so a cache of another trajectory is never reused)."""
         last = self.snaps[-1][1]
         weights = torch.cat([last[n].detach().flatten().to(torch.float64).cpu() for n in sorted(last)])
-        text = repr((asdict(self.cfg), self.steps, tuple(self.task.ops), tensor_digest(weights)))
+        text = repr((self.cfg.to_dict(), self.steps, tuple(self.task.ops), tensor_digest(weights)))
         return hashlib.sha256(text.encode()).hexdigest()
 
     def _restore_responses(self) -> int:
@@ -217,6 +274,29 @@ class TrajectoryScan:
             self._time("streams", t0)
         return self._streams[seed]
 
+    def op_inputs(self, seed: int) -> dict[str, OpInputs]:
+        """The per-op variant's gradient batch and probes of every op for analysis seed ``seed`` (:func:`per_op_inputs`)."""
+        if seed not in self._op_inputs:
+            self._op_inputs[seed] = per_op_inputs(self.task, self.cfg, seed)
+        return self._op_inputs[seed]
+
+    def per_op_streams(self, seed: int) -> dict[str, list[Tensor]]:
+        """The per-op variant's ``task_gradient`` stream of every op for analysis seed ``seed``, ``{op: entries}``:
+        at each snapshot the gradient (in the subspace) of that op's loss alone on that op's own gradient batch."""
+        if seed not in self._per_op_streams:
+            t0 = time.perf_counter()
+            inputs = self.op_inputs(seed)
+            out: dict[str, list[Tensor]] = {op: [] for op in self.task.ops}
+            for _, state in tqdm(self.snaps, desc="per-op stream vectors", disable=not self.progress, leave=False):
+                self.model.load_state_dict(state, strict=False)
+                for op, inp in inputs.items():
+                    tokens, labels = inp.batch
+                    out[op].append(task_gradients(self.model, self.subspace, tokens, {op: labels[op]})[op])
+            self._loaded = None
+            self._per_op_streams[seed] = out
+            self._time("streams", t0)
+        return self._per_op_streams[seed]
+
     def _time(self, what: str, t0: float) -> None:
         self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - t0
 
@@ -224,6 +304,7 @@ class TrajectoryScan:
         """Free the stream vectors of analysis seed ``seed`` (kept: the update stream, shared by every seed)."""
         if seed in self._streams and len(self._streams) > 1:
             del self._streams[seed]
+        self._per_op_streams.pop(seed, None)
 
     def _load(self, t: int) -> None:
         if self._loaded != t:
@@ -231,9 +312,14 @@ class TrajectoryScan:
             self._loaded = t
 
     def _respond(self, t: int, seed: int, op: str, method: str, eps_rel: float,
-                 requests: Sequence[tuple[tuple[Any, ...], Tensor]], probes: tuple[Tensor, Any]) -> list[Tensor]:
-        """A for every request ``(id, [n, P] directions)``, measuring only those not in the cache (one call)."""
-        key = (t, seed, op, method, eps_rel if method == "fd" else None)
+                 requests: Sequence[tuple[tuple[Any, ...], Tensor]], probes: tuple[Tensor, Any],
+                 probe_id: str | None = None) -> list[Tensor]:
+        """A for every request ``(id, [n, P] directions)``, measuring only those not in the cache (one call).
+        ``probe_id``: the identity of ``probes`` when they are not the scan's standard probe set of this analysis
+        seed (the per-op variant's), so that responses on other probes never meet in the cache."""
+        key: tuple[Any, ...] = (t, seed, op, method, eps_rel if method == "fd" else None)
+        if probe_id is not None:
+            key += (("probes", probe_id),)
         todo = [(rid, d) for rid, d in requests if (*key, rid) not in self._cache]
         if todo:
             t0 = time.perf_counter()
@@ -261,7 +347,10 @@ class TrajectoryScan:
         for analysis seeds other than 0). ``fd_compare``: also the paper's finite difference (ε_rel of the config)
         on every key of the first alignment, as that key's ``fd_eps`` variant (default: the config's ``fd_compare``
         for analysis seed 0). ``phases``: ``{op: (start, end)}`` (:func:`phase_bounds`) adds phase medians.
-        ``bases_out`` is filled as the ``bases`` of ``sed_bases.pt``: keyed by ``str(ScanKey)``."""
+        ``bases_out`` is filled as the ``bases`` of ``sed_bases.pt``: keyed by ``str(ScanKey)`` (of the per-op
+        variant only the ``task_gradient/OP/ALIGN/per_op`` bases: its other keys have the standard directions).
+        With ``cfg.per_op_inputs`` on a multitask task, every row also holds the per-op variant's keys of the first
+        alignment (whatever ``headline_only``), each with the median random response on its own probes."""
         cfg, task, subspace = self.cfg, self.task, self.subspace
         check(2 <= n_snapshots <= len(self.snaps), f"n_snapshots must lie in 2..{len(self.snaps)}, got {n_snapshots}.")
         measured = sorted(set(int(t) for t in measured))
@@ -292,10 +381,25 @@ class TrajectoryScan:
                     by_entry = sed_over_sequence(streams["gradient"][:n_entries], measured, w, 1, align)
                     bases[ScanKey("gradient", align, window=w)] = {
                         t: (by_entry[t], ("gradient", *window_bounds(t, n_entries, w, align), 1)) for t in measured}
+        # the per-op variant: the first alignment's update and gradient bases as they are, task_gradient SED of each
+        # op's gradient on its own batch; measured on each op's own probes
+        variant: dict[ScanKey, dict[int, tuple[SEDBasis, tuple[Any, ...]]]] = {}
+        op_inputs = self.op_inputs(analysis_seed) if self.per_op else {}
+        if self.per_op:
+            first = cfg.aligns[0]
+            variant = {k.with_inputs(PER_OP): by_t for k, by_t in bases.items()
+                       if k.align == first and k.is_main and k.source != "task_gradient"}
+            if "task_gradient" in self.sources:
+                for op, vecs in self.per_op_streams(analysis_seed).items():
+                    by_entry = sed_over_sequence(vecs[:n_snapshots], measured, cfg.window, cfg.k, first)
+                    variant[ScanKey("task_gradient", first, op, inputs=PER_OP)] = {
+                        t: (by_entry[t], (f"task_gradient/{op}", *window_bounds(t, n_snapshots, cfg.window, first),
+                                          cfg.k, PER_OP)) for t in measured}
         self._time("bases", t0)
         if bases_out is not None:
             bases_out.update({str(k): {self.steps[t]: b.directions.float() for t, (b, _) in by_t.items()}
-                              for k, by_t in bases.items()})
+                              for k, by_t in (*bases.items(), *variant.items())
+                              if k.inputs is None or k.source == "task_gradient"})
         probes = task.probes(probe_count(task, cfg.n_probes), cfg.probe_seed + analysis_seed)
         art_dir = Path(artifacts) if artifacts is not None else None
         fd_eps = sorted(set((cfg.ablation_eps if not headline_only else ()) + ((cfg.eps_rel,) if fd_compare else ())))
@@ -328,12 +432,27 @@ class TrajectoryScan:
                         r = ratios(a, A_fd_rand)
                         res[str(k.with_fd_eps(e))] = {"R": r.tolist(), "R_mean": float(r.mean()), "A": a.tolist(),
                                                     "median_random": float(A_fd_rand.median())}
+                if op in op_inputs:
+                    v_keys = [k for k in variant if t in variant[k] and (k.source != "task_gradient" or k.op == op)]
+                    reqs = [(variant[k][t][1], variant[k][t][0].directions.float()) for k in v_keys]
+                    *A_v, A_v_rand = self._respond(t, analysis_seed, op, cfg.method, cfg.eps_rel,
+                                                   reqs + [(("random", seed), rand)], op_inputs[op].probes,
+                                                   probe_id=op_inputs[op].probe_id)
+                    for k, a in zip(v_keys, A_v, strict=True):
+                        b = variant[k][t][0]
+                        r = ratios(a, A_v_rand)
+                        res[str(k)] = {"R": r.tolist(), "R_mean": float(r.mean()), "A": a.tolist(), "rank": b.rank,
+                                       "sigma": b.singular_values[: b.k + 1].tolist(),
+                                       "median_random": float(A_v_rand.median())}
                 row["ops"][op] = res
             rows.append(row)
             self.save_responses()
             if art_dir is not None:
-                save_artifact(art_dir, self.model, subspace, t, self.steps[t],
-                              {str(k): bases[k][t][0].directions.float() for k in keys}, rand, seed, probes, eps, cfg, row)
+                directions = {str(k): bases[k][t][0].directions.float() for k in keys}
+                directions |= {str(k): by_t[t][0].directions.float() for k, by_t in variant.items()
+                               if t in by_t and k.source == "task_gradient"}
+                save_artifact(art_dir, self.model, subspace, t, self.steps[t], directions, rand, seed, probes, eps, cfg,
+                              row, {op: inp.probes for op, inp in op_inputs.items()} or None)
         return {"config": asdict(cfg), "n_snapshots_total": n_snapshots, "steps_all": self.steps[:n_snapshots],
                 "measured": [self.steps[t] for t in measured], "analysis_seed": analysis_seed, "snapshots": rows,
                 "phases": {op: list(b) for op, b in (phases or {}).items()}, "summary": summarize(rows, task.ops, phases)}
@@ -391,9 +510,11 @@ def summarize(rows: Sequence[dict[str, Any]], ops: Sequence[str],
 
 def save_artifact(directory: Path, model: HookedTransformer, subspace: ParamSubspace, index: int, step: int,
                   directions: dict[str, Tensor], rand: Tensor, seed: int, probes: tuple[Tensor, Any], eps: float,
-                  cfg: ScanConfig, row: dict[str, Any]) -> Path:
+                  cfg: ScanConfig, row: dict[str, Any], per_op_probes: dict[str, tuple[Tensor, Any]] | None = None) -> Path:
     """Everything needed to recompute the R values of one measured snapshot (see docs/coupling.md); tensors and
-    plain Python only, so it loads with ``torch.load(..., weights_only=True)``."""
+    plain Python only, so it loads with ``torch.load(..., weights_only=True)``. ``per_op_probes``: the per-op
+    variant's probe set of each op (stored as ``per_op_probes``; its keys' directions are those of ``directions``
+    under their own key, else under their main key's)."""
     from sed_lens.serialization import save
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -409,6 +530,8 @@ def save_artifact(directory: Path, model: HookedTransformer, subspace: ParamSubs
                              "torch.randn(n, P, generator) rows divided by their norms",
                    "sha256": tensor_digest(rand)},
         "probes": {"tokens": tokens, "labels": dict(labels) if isinstance(labels, dict) else labels},
+        **({"per_op_probes": {op: {"tokens": t, "labels": dict(y)} for op, (t, y) in per_op_probes.items()}}
+           if per_op_probes else {}),
         "eps": eps, "eps_rel": cfg.eps_rel, "method": cfg.method, "site": cfg.site, "readout": cfg.readout,
         "results": row,
     }, path)
@@ -446,7 +569,9 @@ def recompute_artifact(path: str | Path, method: str | None = None) -> dict[str,
 
     Rebuilds the model from its TransformerLens config and state, regenerates the random directions from their
     seed (and checks their SHA-256), and measures the stored directions on the stored probes with the stored ε,
-    site and readout. Returns ``{op: {key: R list}}`` for the keys measured with the artifact's method.
+    site and readout — the per-op variant's keys (``…/per_op``) on that op's stored probes, with their own stored
+    directions or, for ``update`` and ``gradient``, their main key's. Returns ``{op: {key: R list}}`` for the keys
+    measured with the artifact's method.
     """
     from sed_lens.models import model_from_spec
     from sed_lens.serialization import load
@@ -459,16 +584,25 @@ def recompute_artifact(path: str | Path, method: str | None = None) -> dict[str,
     check(tensor_digest(rand) == art["random"]["sha256"], "the regenerated random directions differ from the stored ones.")
     method = method or art["method"]
     probes = (art["probes"]["tokens"], art["probes"]["labels"])
+    per_op = art.get("per_op_probes") or {}
     out: dict[str, dict[str, list[float]]] = {}
     for op, res in art["results"]["ops"].items():
-        keys = [k for k in res if k in art["directions"]]
-        dirs = torch.cat([art["directions"][k] for k in keys] + [rand])
-        A = centroid_response(model, subspace, dirs, probes, method=method, eps_rel=art["eps_rel"], site=art["site"],
-                              readout=art["readout"], task=op)
-        A_rand, i = A[-len(rand):], 0
         out[op] = {}
-        for k in keys:
-            n = art["directions"][k].shape[0]
-            out[op][k] = ratios(A[i:i + n], A_rand).tolist()
-            i += n
+        inputs: dict[str | None, tuple[Tensor, Any]] = {None: probes}
+        if op in per_op:
+            inputs[PER_OP] = (per_op[op]["tokens"], per_op[op]["labels"])
+        for which, on in inputs.items():
+            dirs_of: dict[str, Tensor] = {}
+            for key in parse_keys(res):
+                stored = art["directions"].get(str(key), art["directions"].get(str(key.main)) if key.inputs else None)
+                if key.inputs == which and stored is not None:
+                    dirs_of[str(key)] = stored
+            if not dirs_of:
+                continue
+            A = centroid_response(model, subspace, torch.cat([*dirs_of.values(), rand]), on, method=method,
+                                  eps_rel=art["eps_rel"], site=art["site"], readout=art["readout"], task=op)
+            A_rand, i = A[-len(rand):], 0
+            for name, d in dirs_of.items():
+                out[op][name] = ratios(A[i:i + d.shape[0]], A_rand).tolist()
+                i += d.shape[0]
     return out

@@ -33,8 +33,8 @@ from sed_lens.cli import config_from_args, config_from_dict, parser_for, run_cli
 from sed_lens.configs import GridOptions, ModelOptions, ScanConfig, TrackingOptions, TrainConfig, shared
 from sed_lens.errors import check
 from sed_lens.experiments.cell_id import SINGLE, CellId, parse_cells
-from sed_lens.experiments.grokking import TRACKING_KEYS, GrokkingConfig, build, open_run, train
-from sed_lens.grid import Cell, raise_failures, resumable, run_grid, same_config
+from sed_lens.experiments.grokking import TRACKING_KEYS, GrokkingConfig, build, open_run, prepare_resume, train
+from sed_lens.grid import Cell, raise_failures, resumable, run_grid
 from sed_lens.rendering import (
     Block,
     Details,
@@ -143,10 +143,7 @@ def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     scan = config_from_dict(ScanConfig, config["scan"])
     path = Path(run_dir)
     logged = {"experiment": "coupling", **config}
-    resume = (path / "config.json").is_file() and same_config(
-        json.loads((path / "config.json").read_text()), to_jsonable(logged), TRACKING_KEYS)
-    if path.exists() and not resume:
-        shutil.rmtree(path)  # killed before it wrote its settings, or another cell's leftovers: start over
+    resume = prepare_resume(path, logged)
     store = SnapshotStore(config["every"], path / "snapshots")
     t_start = time.perf_counter()
     with open_run(gcfg, logged, job_type="coupling", resume=resume) as tracker:
@@ -321,7 +318,9 @@ def ablation_run(cfg: CouplingConfig) -> tuple[str, int]:
 
 
 def cells(cfg: CouplingConfig) -> list[Cell]:
-    """One cell per single-task (op, seed), per multitask seed; ablations ride on the ablation run."""
+    """One cell per single-task (op, seed), per multitask seed; ablations ride on the ablation run. A cell's scan
+    config is :meth:`ScanConfig.to_dict`, and ``per_op_inputs`` (which only a multitask run measures) is left off
+    the single-task cells, so their configs are those of runs kept before the option existed."""
     ab_op, ab_seed = ablation_run(cfg)
     target = "sed_lens.experiments.coupling:coupling_cell"
 
@@ -332,27 +331,29 @@ def cells(cfg: CouplingConfig) -> list[Cell]:
         return asdict(g)
 
     out: list[Cell] = []
+    single_scan = replace(cfg.scan, per_op_inputs=False)
     if cfg.single:
         for op in cfg.ops:
             for seed in cfg.seeds:
-                scan = cfg.scan
+                scan = single_scan
                 if op == ab_op and seed == ab_seed:
                     scan = replace(scan, ablation_windows=WINDOWS if cfg.window_ablation else (),
                                    ablation_eps=EPSILONS if cfg.eps_ablation else ())
                 out.append(Cell(CellId.single(op, seed).name, target, {
-                    "grokking": gconfig((op,), seed), "scan": asdict(scan), "every": cfg.every, "artifacts": cfg.artifacts}))
+                    "grokking": gconfig((op,), seed), "scan": scan.to_dict(), "every": cfg.every,
+                    "artifacts": cfg.artifacts}))
     elif cfg.window_ablation or cfg.eps_ablation:
-        scan = replace(cfg.scan, ablation_windows=WINDOWS if cfg.window_ablation else (),
+        scan = replace(single_scan, ablation_windows=WINDOWS if cfg.window_ablation else (),
                        ablation_eps=EPSILONS if cfg.eps_ablation else ())
         out.append(Cell(CellId.single(ab_op, ab_seed).name, target, {
-            "grokking": gconfig((ab_op,), ab_seed), "scan": asdict(scan), "every": cfg.every,
+            "grokking": gconfig((ab_op,), ab_seed), "scan": scan.to_dict(), "every": cfg.every,
             "artifacts": cfg.artifacts}))
     if cfg.multitask:
         for seed in cfg.multitask_seeds or cfg.seeds:
             scan = replace(cfg.scan, n_snapshots=cfg.multitask_snapshots)
             out.append(Cell(CellId.multitask(seed).name, target, {
-                "grokking": gconfig(tuple(cfg.multitask_ops or cfg.ops), seed), "scan": asdict(scan), "every": cfg.every,
-                "artifacts": cfg.artifacts}))
+                "grokking": gconfig(tuple(cfg.multitask_ops or cfg.ops), seed), "scan": scan.to_dict(),
+                "every": cfg.every, "artifacts": cfg.artifacts}))
     return out
 
 

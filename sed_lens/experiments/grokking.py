@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,7 @@ from sed_lens.rendering import (
     other_figures,
     wandb_ids,
 )
-from sed_lens.tracking import Run, default_run_dir, read_jsonl, write_json
+from sed_lens.tracking import Run, default_run_dir, read_jsonl, to_jsonable, write_json
 
 if TYPE_CHECKING:
     from sed_lens.tasks import ModularArithmetic
@@ -150,6 +151,23 @@ def open_run(cfg: GrokkingConfig, config: dict[str, Any] | None = None, job_type
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(job_type, cfg.name)
     return Run(run_dir, config if config is not None else {"experiment": "grokking", **asdict(cfg)},
                wandb_mode=cfg.wandb_mode, project=cfg.wandb_project, name=cfg.name, job_type=job_type, resume=resume)
+
+
+def prepare_resume(run_dir: str | Path, config: Mapping[str, Any]) -> bool:
+    """For a resumable grid cell: whether ``run_dir`` holds an interrupted run of ``config`` (its ``config.json``,
+    compared without :data:`TRACKING_KEYS`) that can be continued. Anything else there — a run killed before it
+    wrote its settings, or one with other settings — is deleted, so the cell starts over."""
+    from sed_lens.grid import same_config
+
+    path = Path(run_dir)
+    saved = path / "config.json"
+    try:
+        ok = saved.is_file() and same_config(json.loads(saved.read_text()), to_jsonable(dict(config)), TRACKING_KEYS)
+    except json.JSONDecodeError:
+        ok = False
+    if path.exists() and not ok:
+        shutil.rmtree(path)
+    return ok
 
 
 def train(cfg: GrokkingConfig, tracker: Run | None, callbacks: Sequence[Callback] = (),

@@ -31,7 +31,7 @@ from sed_lens.errors import check
 from sed_lens.experiments import grokking
 from sed_lens.experiments.cell_id import CellId
 from sed_lens.experiments.grokking import TRACKING_KEYS, GrokkingConfig
-from sed_lens.grid import Cell, raise_failures, run_grid
+from sed_lens.grid import Cell, raise_failures, resumable, run_grid
 from sed_lens.rendering import (
     Block,
     Details,
@@ -166,14 +166,19 @@ def cells(cfg: InterventionConfig) -> list[Cell]:
     return out
 
 
+@resumable
 def grid_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """Grid target: one grokking run with a :class:`SubspaceProjection` callback, in ``run_dir``."""
+    """Grid target: one grokking run with a :class:`SubspaceProjection` callback, in ``run_dir``. Resumable: an
+    interrupted run continues from its last checkpoint (the projection's SED window included) with the same
+    result as an uninterrupted one."""
     from sed_lens.hooks.interventions import SubspaceProjection
     from sed_lens.training import curves
 
     grok = config_from_dict(GrokkingConfig, {**config["grokking"], "run_dir": run_dir, "progress": False})
+    grok = grokking.resolved(grok)
+    resume = grokking.prepare_resume(run_dir, {"experiment": "grokking", **asdict(grok)})
     projection = SubspaceProjection(**config["projection"])
-    result, _ = grokking.run(grok, [projection])
+    result, _ = grokking.run(grok, [projection], resume=resume)
     return {**result.summary(), "condition": config["condition"], "intervention": projection.describe(),
             "history": curves(result.history, grok.ops)}
 

@@ -89,7 +89,8 @@ def plan(cfg: ReproduceConfig) -> tuple[coupling_exp.CouplingConfig, list[interv
         # Coupling: p 31 with TransformerLens' init groks in ~1,000 steps. Intervention: the speedup needs the
         # paper's slow-grokking PyTorch init; at p 59 its control groks near step 3,100, so runs are capped at
         # 2,000 steps and a control that has not grokked counts as a lower bound (speedups are then lower bounds).
-        scan = ScanConfig(n_snapshots=6, n_probes=128, n_random=8, window=10, analysis_seeds=2, fd_compare=True)
+        scan = ScanConfig(n_snapshots=6, n_probes=128, n_random=8, window=10, analysis_seeds=2, fd_compare=True,
+                          per_op_inputs=True)
         train = TrainConfig(steps=2500, batch_size=256, stop_patience=4, post_grok_steps=post_grok_steps(scan, 25))
         coupling = coupling_exp.CouplingConfig(
             ops=("add",), seeds=(42,), multitask=True, multitask_ops=("add", "mul"), multitask_seeds=(42,),
@@ -100,7 +101,9 @@ def plan(cfg: ReproduceConfig) -> tuple[coupling_exp.CouplingConfig, list[interv
             train=intervention_exp.InterventionTrainConfig(steps=2000),
             out=str(out / "intervention" / "add-gradient"), **common)]
         return coupling, interventions
-    scan = ScanConfig(analysis_seeds=ANALYSIS_SEEDS, fd_compare=True)
+    # per_op_inputs: the multitask run is also measured with the author's per-op conventions (the single-task cells
+    # leave the option off, coupling.cells: their configs, and so the kept results, stay as they were)
+    scan = ScanConfig(analysis_seeds=ANALYSIS_SEEDS, fd_compare=True, per_op_inputs=True)
     coupling = coupling_exp.CouplingConfig(seeds=cfg.seeds, multitask=True, multitask_seeds=cfg.multitask_seeds,
                                            window_ablation=True, eps_ablation=True, out=str(out / "coupling"),
                                            train=TrainConfig(post_grok_steps=post_grok_steps(scan, 25)), scan=scan,
