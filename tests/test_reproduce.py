@@ -27,6 +27,25 @@ def test_full_plan_is_the_papers_protocol(tmp_path):
     # Seed by seed: every run of seed 42 before any of 137, and those before 2024.
     seeds = [c.config["grokking"]["seed"] for _, c in cells]
     assert seeds == sorted(seeds, key=(42, 137, 2024).index) and seeds.count(42) == 5 + 2 * (5 + 4)
+    # the author's per-op inputs: measured on the multitask run only; single-task scan configs do not name them
+    scans = {c.name: c.config["scan"] for _, c in cells if "scan" in c.config}
+    assert scans.pop("multitask-s42")["per_op_inputs"] is True
+    assert len(scans) == 12 and all("per_op_inputs" not in s for s in scans.values())
+
+
+def test_the_committed_results_are_the_plans_runs_and_are_restored_without_retraining(tmp_path):
+    from sed_lens.experiments.reproduce import restore_results
+    from sed_lens.grid import Cell
+
+    root, kept = tmp_path / "out", reproduce.Path(__file__).resolve().parents[1] / "docs" / "reproduction" / "runs"
+    coupling, interventions = plan(ReproduceConfig(out=str(root)))
+    grid = [Cell(str((path / c.name).relative_to(root)), c.target, c.config) for path, c in all_cells(coupling, interventions)]
+    committed = sorted(kept.rglob("*.json"))
+    assert committed and restore_results(grid, root, kept) == len(committed)
+    for path in committed:  # the scan configs byte for byte (the rest differs in where runs are logged only)
+        name = path.relative_to(kept).with_suffix("").as_posix()
+        cell, config = next(c for c in grid if c.name == name), json.loads(path.read_text())["config"]
+        assert json.dumps(cell.config.get("scan")) == json.dumps(config.get("scan")), name
 
 
 def test_seeds_option_restricts_every_experiment_and_keeps_the_runs(tmp_path):

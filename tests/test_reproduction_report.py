@@ -8,7 +8,13 @@ import pytest
 
 from sed_lens.analysis.scan_key import ScanKey
 from sed_lens.errors import SedLensError
-from sed_lens.experiments.reproduction_report import claim_numbers, differences, headline, write_report
+from sed_lens.experiments.reproduction_report import (
+    claim_numbers,
+    differences,
+    headline,
+    multitask_table,
+    write_report,
+)
 from sed_lens.experiments.reproduction_results import Spread, load_results, speedups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +55,34 @@ def coupling_cell(op, seed, grad, upd, grad_post, analysis=(1.0, 1.1, 0.9)):
     summary = {"train": {"steps": 2000, "grok_step": {op: 900}, "stop_step": 1500, "cross_step": 1000},
                "scans": scans, "history": {}, "timings": {"train": 300.0, "scan": 200.0, "outputs": 1.0}}
     return {"name": f"{op}-s{seed}", "target": "x:y", "config": config, "summary": summary}
+
+
+def multitask_cell(seed, standard, per_op=None, ops=("add", "mul")):
+    """A compact multitask run: ``standard`` / ``per_op`` give per op (update, aggregated gradient, per-op gradient)
+    peak R̄ of the standard reading and of the author's per-op inputs (keys ``…/per_op``; left out when None)."""
+    scans = {"stop_rule": {}, "post_grok": {}}
+    for a, f in enumerate((1.0, 1.1, 0.9)):
+        for length, steps in (("stop_rule", (0, 500, 1000, 1500)), ("post_grok", (0, 500, 1000, 1500, 2000))):
+            series, summary = {}, {}
+            for op in ops:
+                peaks = {}
+                for suffix, values in (("", standard), ("/per_op", per_op)):
+                    if values is None:
+                        continue
+                    u, g, t = values[op]
+                    peaks |= {f"update/leading{suffix}": u * f, f"gradient/leading{suffix}": g * f,
+                              f"task_gradient/{op}/leading{suffix}": t * f}
+                one = scan(peaks, steps=steps)
+                series[op], summary[op] = one["series"]["add"], one["summary"]["add"]
+            scans[length][str(a)] = {**scan({}, steps=steps), "series": series, "summary": summary,
+                                     "phases": {op: [100, 1000] for op in ops}}
+    train = {"steps": 8000, "stop_acc": 0.98, "stop_patience": 20, "post_grok_steps": 1000}
+    config = {"grokking": {"ops": list(ops), "seed": seed, "train": train}, "every": 25,
+              "scan": {"n_snapshots": 30, "window": 20, "k": 3, "n_probes": 1024, "n_random": 20,
+                       "ablation_windows": [], "ablation_eps": [], "per_op_inputs": per_op is not None}}
+    summary = {"train": {"steps": 3000, "grok_step": {op: 900 for op in ops}, "stop_step": 1500, "cross_step": 1000},
+               "scans": scans, "history": {}, "timings": {"train": 300.0, "scan": 200.0, "outputs": 1.0}}
+    return {"name": f"multitask-s{seed}", "target": "x:y", "config": config, "summary": summary}
 
 
 def intervention_cell(op, seed, condition, method, grok_step):
@@ -147,3 +181,61 @@ def test_a_run_whose_stop_rule_fired_after_the_post_grok_stretch_is_its_own_post
     cell["summary"]["train"]["stop_step"] = 2500  # stopped within the stretch and never trained past it
     (tmp_path / "sq.json").write_text(json.dumps(cell))
     assert load_results(tmp_path).single("sq")[0].lengths == ["stop_rule"]
+
+
+def write_cell(directory, name, cell):
+    (directory / name).parent.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps(cell))
+
+
+def texts(blocks):
+    return "\n".join(b.text for b in blocks if hasattr(b, "text"))
+
+
+def test_without_a_multitask_run_the_report_says_it_is_missing(results_dir):
+    res = load_results(results_dir)
+    assert res.multitask == [] and multitask_table(res) == []
+    assert "Multitask: missing.** No multitask run in these results yet" in texts(differences(res))
+
+
+def test_a_multitask_run_is_reported_under_both_readings_with_the_papers_numbers(results_dir):
+    # standard reading: update SED peaks above 1; the author's per-op inputs: below 1 for every op
+    write_cell(results_dir, "coupling/cells/multitask-s42", multitask_cell(
+        42, standard={"add": (3.0, 40.0, 60.0), "mul": (2.5, 30.0, 50.0)},
+        per_op={"add": (0.8, 20.0, 35.0), "mul": (0.6, 15.0, 25.0)}))
+    res = load_results(results_dir)
+    (mt,) = res.multitask
+    rows = {r[0]: r for r in headline(res)[0].rows}
+    assert rows["multitask (seed 42): aggregated update SED, peak R̄"][2] == "add 3.00 [2.70–3.30]; mul 2.50 [2.25–2.75]"
+    own = rows["multitask (seed 42), the author's per-op inputs: aggregated update SED, peak R̄"]
+    assert own[1] == "≤ 1 for every task" and own[2] == "add 0.80 [0.72–0.88]; mul 0.60 [0.54–0.66]"
+    per = rows["multitask (seed 42), the author's per-op inputs: per-op gradient SED, peak R̄"]
+    assert per[1] == "add 31.5; sub 44.9; mul 23.8; sq 21.8" and per[2] == "add 35 [32–38]; mul 25 [22–28]"
+    table = multitask_table(res)[1]
+    by = {(r[0], r[1], r[2]): r for r in table.rows}
+    assert len(table.rows) == 2 * 2 * 2  # ops × readings × run lengths
+    r = by[("mul", "author's per-op inputs", "stop-rule run")]
+    # update peak [analysis seeds], update phase medians (the series halves from the peak back), gradients, paper
+    assert r[3] == "0.60 [0.54–0.66]" and r[4] == "0.07 / 0.15 / 0.60" and r[5] == "15.0 [13.5–16.5]"
+    assert r[6] == "25.0 [22.5–27.5]" and r[7] == "≤ 1; 23.8"
+    assert by[("add", "standard inputs", "post-grok run")][3] == "3.00 [2.70–3.30]"
+    text = texts(differences(res))
+    assert "aggregated update SED ≤ 1?** The paper reports R̄ ≤ 1 for every task" in text
+    assert "standard inputs: peak R̄ 2.50–3.00 (add 3.00; mul 2.50), ≤ 1 for 0 of 2 ops" in text
+    assert "author's per-op inputs: peak R̄ 0.60–0.80 (add 0.80; mul 0.60), ≤ 1 for 2 of 2 ops" in text
+    assert "appears under the author's per-op inputs only." in text and "Multitask: missing" not in text
+    claims = claim_numbers(res)
+    assert claims["multitask_update_peak_max"] == pytest.approx(3.0)
+    assert claims["multitask_update_peak_max/per_op_inputs"] == pytest.approx(0.8)
+
+
+def test_a_multitask_run_without_the_per_op_inputs_says_so(tmp_path):
+    write_cell(tmp_path, "coupling/cells/multitask-s42", multitask_cell(
+        42, standard={"add": (0.9, 40.0, 60.0), "mul": (0.7, 30.0, 50.0)}))
+    res = load_results(tmp_path)
+    assert not any("per-op inputs" in r[0] for r in headline(res)[0].rows)
+    assert {r[1] for r in multitask_table(res)[1].rows} == {"standard inputs"}
+    text = texts(differences(res))
+    assert "the author's per-op inputs were not measured in this run" in text
+    assert "≤ 1 for 2 of 2 ops" in text and "appears under the standard inputs only." in text
+    assert claim_numbers(res)["multitask_update_peak_max/per_op_inputs"] is None

@@ -254,6 +254,11 @@ def test_the_per_op_variant_leaves_the_standard_keys_as_they_were(multitask_run,
             assert {k: v for k, v in a["ops"][op].items() if not k.endswith("/per_op")} == b["ops"][op]
     for op in task.ops:
         assert {k: v for k, v in on["summary"][op].items() if not k.endswith("/per_op")} == off["summary"][op]
+    # the compact scan (cell.json) keeps the variant's own random medians, and nothing new without it
+    compact_on, compact_off = coupling_exp.compact_scan(on), coupling_exp.compact_scan(off)
+    assert "random_median_per_op_inputs" not in compact_off and compact_on["random_median"] == compact_off["random_median"]
+    assert compact_on["random_median_per_op_inputs"]["mul"] == [
+        r["ops"]["mul"]["task_gradient/mul/leading/per_op"]["median_random"] for r in on["snapshots"]]
     # the option off writes the config (and the cache fingerprint) of a scan from before it existed
     assert "per_op_inputs" not in ScanConfig(**PER_OP_CFG).to_dict()
     assert ScanConfig(**PER_OP_CFG, per_op_inputs=True).to_dict()["per_op_inputs"] is True
@@ -276,6 +281,33 @@ def test_the_per_op_responses_resume_from_the_cache_on_disk(multitask_run, tmp_p
     assert again.measured_directions == {}  # every response, the per-op ones included, came from the file
     # the standard scan of the same trajectory does not take the variant's cache for its own
     assert TrajectoryScan(model, task, store, ScanConfig(**PER_OP_CFG), progress=False, responses=path).restored == 0
+
+
+def test_the_multitask_table_shows_the_per_op_reading_beside_the_standard_one(multitask_run):
+    from sed_lens.rendering import fixed
+
+    _, _, _, on, off, _ = multitask_run
+    cfg = coupling_exp.CouplingConfig(multitask=True, multitask_ops=("add", "mul"), wandb_mode="disabled")
+    train = {"grok_step": {"add": 16, "mul": None}}
+    blocks, agg = coupling_exp.table_blocks(cfg, {"multitask-s0": {"coupling": on["summary"], "train": train}})
+    rows = {(r[1], r[3]): r for r in blocks[-1].rows}
+    assert set(rows) == {(op, reading) for op in ("add", "mul") for reading in ("standard", "per-op inputs")}
+    for op in ("add", "mul"):
+        s = on["summary"][op]
+        for reading, suffix in (("standard", ""), ("per-op inputs", "/per_op")):
+            r = rows[(op, reading)]
+            assert r[4] == fixed(s[f"update/leading{suffix}"]["peak_R_mean"], 2)
+            assert r[6] == fixed(s[f"gradient/leading{suffix}"]["peak_R_mean"], 2)
+            assert r[7] == fixed(s[f"task_gradient/{op}/leading{suffix}"]["peak_R_mean"], 2)
+            assert "≤ 1" in r[8]
+        assert agg["multitask"][op][0]["per_op_inputs"]["per_op_peak"] == s[f"task_gradient/{op}/leading/per_op"]["peak_R_mean"]
+    assert "31.5" in rows[("add", "per-op inputs")][8] and "23.8" in rows[("mul", "standard")][8]
+    table = coupling_exp.aggregate_tables(agg)["multitask"]
+    assert "per_op_inputs/update_peak_R_mean" in table[0] and all(r[5] is not None for r in table[1])
+    # a run without the variant: the standard reading only
+    blocks, agg = coupling_exp.table_blocks(cfg, {"multitask-s0": {"coupling": off["summary"], "train": train}})
+    assert {r[3] for r in blocks[-1].rows} == {"standard"} and "per_op_inputs" not in agg["multitask"]["add"][0]
+
 
 def call(main, argv, capsys):
     return call_main(main, argv, capsys, "coupling")

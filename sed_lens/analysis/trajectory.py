@@ -541,7 +541,8 @@ def save_artifact(directory: Path, model: HookedTransformer, subspace: ParamSubs
 def save_bases(path: str | Path, bases: dict[str, dict[int, Tensor]], summary: dict[str, Any],
                subspace: ParamSubspace, cfg: ScanConfig) -> Path:
     """Save the SED bases of a scan at each main key's peak and final snapshot (``bases`` from
-    :func:`scan_coupling`'s ``bases_out``; ablation keys are left out): a few MB instead of every snapshot.
+    :func:`scan_coupling`'s ``bases_out``; ablation keys are left out, and of the per-op variant only its
+    ``task_gradient`` keys are there): a few MB instead of every snapshot.
 
     Format ``sed_lens.coupling_bases/1``: ``bases`` ``{key: {step: [k, P] float32}}``, ``selected``
     ``{op: {key: {"peak": step, "final": step}}}``, ``subspace`` (layout in vector order), ``window``, ``k``.

@@ -4,9 +4,11 @@ Single task (default): ops add, sub, mul, sq × seeds 42, 137, 2024; each run tr
 snapshot every 25 steps, then measures at 40 evenly spaced snapshots the coupling R_k of update SED and
 gradient SED (W 20, k 3), with the paper's leading window and the causal trailing window. ``--multitask``:
 the shared-encoder model with four heads, aggregated update and gradient SED vs per-op gradient SED at 30
-snapshots. ``--window-ablation`` (W ∈ {1, 2, 5, 10, 20, 40}) and ``--eps-ablation`` (finite differences at
-ε_rel ∈ {0.001, 0.005, 0.05}, JVP as the ε → 0 limit) on add, seed 42. Every run is a run directory under
-OUT/cells (rerunning skips finished runs); OUT gets coupling.json, coupling.md (ours beside the paper's) and plots.
+snapshots (``--per-op-inputs`` also measures them with the author's per-op gradient batches and probe sets, beside
+the shared ones; the reproduction turns it on). ``--window-ablation`` (W ∈ {1, 2, 5, 10, 20, 40}) and
+``--eps-ablation`` (finite differences at ε_rel ∈ {0.001, 0.005, 0.05}, JVP as the ε → 0 limit) on add, seed 42.
+Every run is a run directory under OUT/cells (rerunning skips finished runs); OUT gets coupling.json, coupling.md
+(ours beside the paper's) and plots.
 ``--no-aggregate`` only runs the cells (one ``wandb agent`` job per cell, see experiments/sweeps/); a later run
 with the same flags and OUT skips them and aggregates. W&B: each run logs a table of every R (``coupling/R``), its
 figures and an artifact (coupling.json, the SED bases at the peaks, summary); the aggregate is a small run of job
@@ -28,7 +30,7 @@ import numpy as np
 
 # Only torch-free modules at the top: flags are parsed (and --help answered) before torch, TransformerLens or
 # matplotlib are imported; the functions below import what they need when they run.
-from sed_lens.analysis.scan_key import RANDOM, ScanKey, parse_keys
+from sed_lens.analysis.scan_key import PER_OP, RANDOM, ScanKey, parse_keys
 from sed_lens.cli import config_from_args, config_from_dict, parser_for, run_cli
 from sed_lens.configs import GridOptions, ModelOptions, ScanConfig, TrackingOptions, TrainConfig, shared
 from sed_lens.errors import check
@@ -200,12 +202,17 @@ def scan_lengths(model: Any, task: Any, store: SnapshotStore, scan: ScanConfig, 
 def compact_scan(out: dict[str, Any]) -> dict[str, Any]:
     """A scan without what the reports do not read (per-direction responses, spectra, artifacts' inputs): per op and
     key the R_j and R̄ series over the measured snapshots, the median random response, the summary. A_j is
-    R_j × the median random response."""
+    R_j × the median random response — for the keys of the author's per-op inputs (``…/per_op``), × the median
+    random response on that op's own probes (``random_median_per_op_inputs``, only when they were measured)."""
     series: dict[str, dict[str, dict[str, list[Any]]]] = {}
     medians: dict[str, list[float]] = {}
+    own_medians: dict[str, list[float]] = {}
     for row in out["snapshots"]:
         for op, keys in row["ops"].items():
             medians.setdefault(op, []).append(keys["random"]["median"])
+            own = [res["median_random"] for key, res in parse_keys(keys).items() if key.inputs is not None]
+            if own:
+                own_medians.setdefault(op, []).append(own[0])
             for key, res in keys.items():
                 if key == "random":
                     continue
@@ -215,7 +222,9 @@ def compact_scan(out: dict[str, Any]) -> dict[str, Any]:
                 s["R_mean"].append(round(float(res["R_mean"]), 5))
     return {"measured": out["measured"], "n_snapshots_total": out["n_snapshots_total"],
             "last_step": out["steps_all"][-1], "analysis_seed": out.get("analysis_seed", 0),
-            "phases": out.get("phases", {}), "random_median": medians, "series": series, "summary": out["summary"]}
+            "phases": out.get("phases", {}), "random_median": medians,
+            **({"random_median_per_op_inputs": own_medians} if own_medians else {}), "series": series,
+            "summary": out["summary"]}
 
 
 def write_outputs(run_dir: Path, out: dict[str, Any], history: Sequence[dict[str, Any]], ops: Sequence[str]) -> dict[str, Path]:
@@ -228,16 +237,16 @@ def write_outputs(run_dir: Path, out: dict[str, Any], history: Sequence[dict[str
 
 
 def log_run(tracker: Run, out: dict[str, Any], figs: dict[str, Path], seed: int) -> None:
-    """W&B side of one coupling run: R̄ and R_1 of every main key as metrics over ``coupling/step`` (the training
-    step of each measured snapshot), the table of every R (ablations included), the figures, and an artifact with
-    coupling.json, the SED bases at the peaks (sed_bases.pt) and the summary — not the per-snapshot artifacts
-    (large; kept locally)."""
+    """W&B side of one coupling run: R̄ and R_1 of every main key and per-op-inputs key as metrics over
+    ``coupling/step`` (the training step of each measured snapshot), the table of every R (ablations included), the
+    figures, and an artifact with coupling.json, the SED bases at the peaks (sed_bases.pt) and the summary — not the
+    per-snapshot artifacts (large; kept locally)."""
     tracker.define_metric("coupling/*", "coupling/step")
     for row in out["snapshots"]:
         metrics: dict[str, Any] = {"coupling/step": row["step"]}
         for op, keys in row["ops"].items():
             for key, res in parse_keys(keys).items():
-                if key.is_main:  # ablation variants go to the table only
+                if key.is_main or key.inputs is not None:  # ablation variants go to the table only
                     metrics[f"coupling/{op}/{key}/R_mean"] = res["R_mean"]
                     metrics[f"coupling/{op}/{key}/R_1"] = res["R"][0]
         tracker.log_wandb(metrics)
@@ -275,6 +284,7 @@ def paper_for(op: str, key: ScanKey, seed: int | None, multitask: bool) -> str:
     if key.fd_eps is not None:
         return f"peak R₁ {PAPER['eps'][key.fd_eps]}" if key.fd_eps in PAPER["eps"] else "—"
     if multitask:
+        key = key.main if key.inputs is not None else key  # the per-op inputs read the same claims
         if key == ScanKey("task_gradient", lead, op) and op in PAPER["multitask_per_op"]:
             return f"peak R̄ {PAPER['multitask_per_op'][op]}"
         return f"peak R̄ {PAPER['multitask_update']}" if key == ScanKey("update", lead) else "—"
@@ -431,24 +441,42 @@ def table_blocks(cfg: CouplingConfig, results: dict[str, dict[str, Any]],
     multi = {c: v for c, v in runs.items() if c.is_multitask}
     if multi:
         blocks += [Heading("Multitask: aggregated vs per-op SED", level),
-                   Text(f"Peak R̄ over {cfg.multitask_snapshots} snapshots, leading window, each op's own centroids. "
-                        "Paper: aggregated update SED " + PAPER["multitask_update"] + "; per-op gradient SED add 31.5, "
-                        "sub 44.9, mul 23.8, sq 21.8.")]
+                   Text(f"Peak R̄ over {cfg.multitask_snapshots} snapshots, leading window, each op's own centroids; "
+                        "the median R̄ of the aggregated update SED per phase (pre-grok / transition / post-grok). Two "
+                        "readings where measured: *standard* — one gradient batch and one probe set shared by all ops; "
+                        "*per-op inputs* — the author's conventions (`--per-op-inputs`): each op's own gradient batch "
+                        "(for its per-op gradient SED) and probe set, drawn as a single-op task of that op would (pairs "
+                        "from 1..p-1 for mul only). Paper: aggregated update SED " + PAPER["multitask_update"]
+                        + "; per-op gradient SED add 31.5, sub 44.9, mul 23.8, sq 21.8.")]
         multi_rows: list[list[str]] = []
         for cell, res in multi.items():
             for op, by_key in res["coupling"].items():
                 s = parse_keys(by_key)
-                u, g, t = (s.get(ScanKey("update", lead), {}), s.get(ScanKey("gradient", lead), {}),
-                           s.get(ScanKey("task_gradient", lead, op), {}))
-                multi_rows.append([str(cell.seed), op, str(res["train"]["grok_step"].get(op)), fixed(u.get("peak_R_mean"), 2),
-                                   fixed(g.get("peak_R_mean"), 2), fixed(t.get("peak_R_mean"), 2),
-                                   str(PAPER["multitask_per_op"].get(op, "—"))])
-                agg["multitask"].setdefault(op, []).append({"seed": cell.seed, "update_peak": u.get("peak_R_mean"),
-                                                            "gradient_peak": g.get("peak_R_mean"),
-                                                            "per_op_peak": t.get("peak_R_mean")})
-        blocks.append(Table(["seed", "op", "grok step", "aggregated update", "aggregated gradient", "per-op gradient",
-                             "paper per-op"], multi_rows))
+                entry: dict[str, Any] = {"seed": cell.seed}
+                for reading, inputs in (("standard", None), ("per-op inputs", PER_OP)):
+                    u, g, t = (s.get(multitask_key(k, inputs), {}) for k in (
+                        ScanKey("update", lead), ScanKey("gradient", lead), ScanKey("task_gradient", lead, op)))
+                    if inputs is not None and not (u or g or t):
+                        continue  # the variant was not measured
+                    ph = u.get("phase_median_R_mean") or {}
+                    multi_rows.append([str(cell.seed), op, str(res["train"]["grok_step"].get(op)), reading,
+                                       fixed(u.get("peak_R_mean"), 2),
+                                       " / ".join(fixed(ph.get(x), 2) for x in ("pre", "transition", "post")),
+                                       fixed(g.get("peak_R_mean"), 2), fixed(t.get("peak_R_mean"), 2),
+                                       f"update {PAPER['multitask_update']}; per-op {PAPER['multitask_per_op'].get(op, '—')}"])
+                    numbers = {"update_peak": u.get("peak_R_mean"), "update_phase_median": ph or None,
+                               "gradient_peak": g.get("peak_R_mean"), "per_op_peak": t.get("peak_R_mean")}
+                    entry.update(numbers if inputs is None else {"per_op_inputs": numbers})
+                agg["multitask"].setdefault(op, []).append(entry)
+        blocks.append(Table(["seed", "op", "grok step", "reading", "aggregated update peak R̄",
+                             "aggregated update median R̄ pre / transition / post", "aggregated gradient peak R̄",
+                             "per-op gradient peak R̄", "paper"], multi_rows))
     return blocks, agg
+
+
+def multitask_key(key: ScanKey, inputs: str | None) -> ScanKey:
+    """``key`` under the standard inputs (``inputs`` None) or as its ``per_op`` variant."""
+    return key if inputs is None else key.with_inputs(inputs)
 
 
 def figures(cfg: CouplingConfig, out: Path, couplings: dict[str, dict[str, Any]], agg: dict[str, Any],
@@ -510,9 +538,14 @@ def aggregate_tables(agg: dict[str, Any]) -> dict[str, tuple[list[str], list[lis
         out["single"] = (["run", "op", "seed", "update_peak_R_mean", "update_mean_R_mean", "gradient_peak_R_mean",
                           "gradient_peak_R_mean_trailing", "gradient_over_update", "paper_gradient_peak"], rows)
     if agg["multitask"]:
+        def variant(r: dict[str, Any], what: str) -> Any:
+            return (r.get("per_op_inputs") or {}).get(what)
+
         out["multitask"] = (["seed", "op", "update_peak_R_mean", "gradient_peak_R_mean", "per_op_gradient_peak_R_mean",
-                             "paper_per_op_peak"],
+                             "per_op_inputs/update_peak_R_mean", "per_op_inputs/gradient_peak_R_mean",
+                             "per_op_inputs/per_op_gradient_peak_R_mean", "paper_per_op_peak"],
                             [[r["seed"], op, r["update_peak"], r["gradient_peak"], r["per_op_peak"],
+                              variant(r, "update_peak"), variant(r, "gradient_peak"), variant(r, "per_op_peak"),
                               PAPER["multitask_per_op"].get(op)] for op, rs in agg["multitask"].items() for r in rs])
     if agg["window_ablation"]:
         out["window_ablation"] = (["W", "peak_R1_leading", "peak_R1_trailing", "paper"],
@@ -557,7 +590,8 @@ def coupling_plots(ops_keys: dict[str, Sequence[str]]) -> list[LinePanel]:
     """Per op, R̄ of its SED streams over the training step of the measured snapshots (as coupling runs log it)."""
     from sed_lens.analysis.scan_key import ScanKey
 
-    return [LinePanel(f"coupling R̄, {op}", [f"coupling/{op}/{k}/R_mean" for k in keys if ScanKey.parse(k).is_main],
+    return [LinePanel(f"coupling R̄, {op}", [f"coupling/{op}/{k}/R_mean" for k in keys
+                                             if ScanKey.parse(k).is_main or ScanKey.parse(k).inputs is not None],
                       log_y=True, x="coupling/step") for op, keys in ops_keys.items()]
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sed_lens.analysis.scan_key import ScanKey
+from sed_lens.analysis.scan_key import PER_OP, ScanKey
 from sed_lens.errors import SedLensError
 from sed_lens.experiments.reproduction_results import (
     LENGTH_LABELS,
@@ -84,8 +84,23 @@ def mean_sd(values: Sequence[float | None], d: int = 0) -> str:
 GRADIENT, UPDATE = ScanKey("gradient", LEAD), ScanKey("update", LEAD)
 
 
-def per_op_key(op: str) -> ScanKey:
-    return ScanKey("task_gradient", LEAD, op)
+def per_op_key(op: str, inputs: str | None = None) -> ScanKey:
+    return reading(ScanKey("task_gradient", LEAD, op), inputs)
+
+
+def reading(key: ScanKey, inputs: str | None) -> ScanKey:
+    """``key`` as the standard reading measures it (``inputs`` None) or with the author's per-op inputs (``per_op``)."""
+    return key if inputs is None else key.with_inputs(inputs)
+
+
+READINGS: tuple[tuple[str, str | None], ...] = (("standard inputs", None), ("author's per-op inputs", PER_OP))
+"""The readings of a multitask run: one gradient batch and probe set shared by all ops (standard), and the author's
+per-op conventions (each op's own gradient batch and probes; measured with ``ScanConfig(per_op_inputs=True)``)."""
+
+
+def has_per_op_inputs(run: CouplingRun) -> bool:
+    """Whether a multitask run was also measured with the author's per-op inputs."""
+    return any(run.stat(length, op, reading(UPDATE, PER_OP)) is not None for length in run.lengths for op in run.ops)
 
 
 def window_key(w: int) -> ScanKey:
@@ -189,6 +204,18 @@ def headline(res: Results) -> Blocks:
         rows.append([f"multitask (seed {mt.seed}): per-op gradient SED, peak R̄",
                      "; ".join(f"{op} {v}" for op, v in PAPER_MULTITASK_PER_OP.items()),
                      *[per(x) if x in mt.scans else "not run" for x in LENGTHS]])
+        if has_per_op_inputs(mt):
+            def agg_own(length: str, mt: CouplingRun = mt) -> str:
+                return "; ".join(f"{op} {spread_text(peak(mt, length, reading(UPDATE, PER_OP), op), 2)}" for op in mt.ops)
+
+            def per_own(length: str, mt: CouplingRun = mt) -> str:
+                return "; ".join(f"{op} {spread_text(peak(mt, length, per_op_key(op, PER_OP), op))}" for op in mt.ops)
+
+            rows.append([f"multitask (seed {mt.seed}), the author's per-op inputs: aggregated update SED, peak R̄",
+                         "≤ 1 for every task", *[agg_own(x) if x in mt.scans else "not run" for x in LENGTHS]])
+            rows.append([f"multitask (seed {mt.seed}), the author's per-op inputs: per-op gradient SED, peak R̄",
+                         "; ".join(f"{op} {v}" for op, v in PAPER_MULTITASK_PER_OP.items()),
+                         *[per_own(x) if x in mt.scans else "not run" for x in LENGTHS]])
     out: Blocks = [Table(["result", "paper", LENGTH_LABELS["stop_rule"], LENGTH_LABELS["post_grok"]], rows,
                          "Coupling: ours beside the paper's (brackets: median [range] over analysis seeds)")]
     iv_rows = []
@@ -229,6 +256,39 @@ def phase_table(res: Results) -> Blocks:
                   "Coupling per run and phase (exact HVP; analysis seed 0 for the phase medians)")]
 
 
+def multitask_table(res: Results) -> Blocks:
+    """Per multitask run, op, reading (standard / the author's per-op inputs) and run length: the aggregated update
+    SED's peak R̄ and phase medians, the aggregated gradient SED's and the per-op gradient SED's peak R̄, beside the
+    paper's numbers. Nothing when there is no multitask run."""
+    out: Blocks = []
+    for mt in res.multitask:
+        rows = []
+        readings = [r for r in READINGS if r[1] is None or has_per_op_inputs(mt)]
+        for op in mt.ops:
+            for label, inputs in readings:
+                for length in mt.lengths:
+                    ph = mt.phase_medians(length, op, reading(UPDATE, inputs))
+                    rows.append([op, label, LENGTH_LABELS[length],
+                                 spread_text(peak(mt, length, reading(UPDATE, inputs), op), 2),
+                                 " / ".join(fixed(ph.get(x), 2) for x in ("pre", "transition", "post")),
+                                 spread_text(peak(mt, length, reading(GRADIENT, inputs), op), 1),
+                                 spread_text(peak(mt, length, per_op_key(op, inputs), op), 1),
+                                 f"≤ 1; {PAPER_MULTITASK_PER_OP[op]}" if op in PAPER_MULTITASK_PER_OP else "≤ 1; —"])
+        out += [Text(f"Multitask run, seed {mt.seed} ({' + '.join(mt.ops)}): each op's coupling to its own centroids, "
+                     "leading window. Standard inputs: one gradient batch and one probe set shared by all ops (pairs "
+                     "from 1..p-1 for every op, since mul needs them)."
+                     + (" The author's per-op inputs: each op's own gradient batch (for its per-op gradient SED) and "
+                        "its own probe set, drawn as a single-op task of that op would draw them (pairs from 0..p-1, "
+                        "1..p-1 for mul only); update and aggregated gradient SED keep their directions."
+                        if len(readings) > 1 else " The author's per-op inputs were not measured in this run.")),
+                Table(["op", "reading", "run", "aggregated update peak R̄ [analysis seeds]",
+                       "aggregated update median R̄ pre / transition / post", "aggregated gradient peak R̄",
+                       "per-op gradient peak R̄", "paper (update; per-op gradient peak)"], rows,
+                      f"Multitask (seed {mt.seed}): the standard reading beside the author's per-op inputs "
+                      "(phase medians: analysis seed 0)")]
+    return out
+
+
 def run_table(res: Results) -> Blocks:
     rows = []
     for r in res.coupling:
@@ -256,13 +316,56 @@ def claims(res: Results) -> Blocks:
                            run_value(mt, "stop_rule", UPDATE, op)) for op in mt.ops]
         sp = Spread.of(ratios)
         if sp.n:
+            own = Spread.of(ratio_of(run_value(mt, "stop_rule", per_op_key(op, PER_OP), op),
+                                     run_value(mt, "stop_rule", reading(UPDATE, PER_OP), op)) for op in mt.ops)
             out.append(Text(f"- Multitask (seed {mt.seed}): per-op gradient SED couples {fixed(sp.lo)}–{fixed(sp.hi)}× more "
-                            "strongly than the aggregated update SED."))
+                            "strongly than the aggregated update SED"
+                            + (f" ({fixed(own.lo)}–{fixed(own.hi)}× with the author's per-op inputs)." if own.n else ".")))
     keeps = [s["speedup"] for op, m in res.intervention_grids() for c, s in speedups(res.grid(op, m)).items()
              if c in ("C", "E") and s["speedup"] is not None]
     if keeps:
         out.append(Text(f"- Keeping only a rank-3 subspace of the attention training signal speeds grokking: "
                         f"{fixed(min(keeps), 2)}–{fixed(max(keeps), 2)}× (SED or random basis)."))
+    return out
+
+
+def update_at_most_one(res: Results) -> Blocks:
+    """Whether the paper's multitask claim — aggregated update SED R̄ ≤ 1 for every task — appears in our multitask
+    runs under either reading (standard / the author's per-op inputs), from the data: peak R̄ per op (stop-rule
+    run, median over analysis seeds) and the phases whose median R̄ is ≤ 1 for every op; or that no run is there."""
+    if not res.multitask:
+        return [Text("- **Multitask: missing.** No multitask run in these results yet, so the paper's multitask claims — "
+                     "aggregated update SED R̄ ≤ 1 for every task, per-op gradient SED peak R̄ "
+                     + ", ".join(f"{op} {v}" for op, v in PAPER_MULTITASK_PER_OP.items())
+                     + " — are checked under neither reading (standard inputs: one gradient batch and probe set shared "
+                     "by all ops; the author's per-op inputs: each op's own).")]
+    out: Blocks = []
+    for mt in res.multitask:
+        parts, holds = [], []
+        for label, inputs in READINGS:
+            if inputs is not None and not has_per_op_inputs(mt):
+                parts.append(f"the {label} were not measured in this run")
+                continue
+            key = reading(UPDATE, inputs)
+            peaks = {op: run_value(mt, "stop_rule", key, op) for op in mt.ops}
+            sp = Spread.of(peaks.values())
+            if not sp.n:
+                parts.append(f"{label}: not measured")
+                continue
+            below = [op for op, v in peaks.items() if v is not None and v <= 1]
+            phases = [ph for ph in ("pre", "transition", "post")
+                      if all((v := mt.phase_medians("stop_rule", op, key).get(ph)) is not None and v <= 1 for op in mt.ops)]
+            if len(below) == len(mt.ops):
+                holds.append(label)
+            parts.append(f"{label}: peak R̄ {fixed(sp.lo, 2)}–{fixed(sp.hi, 2)} (" + "; ".join(
+                f"{op} {fixed(v, 2)}" for op, v in peaks.items()) + f"), ≤ 1 for {len(below)} of {len(mt.ops)} ops; "
+                "phase medians ≤ 1 for every op " + (f"in the {', '.join(phases)} phase{'s' if len(phases) > 1 else ''}"
+                                                      if phases else "in no phase"))
+        where = ("neither reading" if not holds else "both readings" if len(holds) == len(READINGS)
+                 else f"the {holds[0]} only")
+        out.append(Text(f"- **Multitask (seed {mt.seed}): aggregated update SED ≤ 1?** The paper reports R̄ ≤ 1 for every "
+                        "task. Ours (stop-rule run, each peak the median over analysis seeds) — " + "; ".join(parts)
+                        + f". A peak R̄ ≤ 1 for every op appears under {where}."))
     return out
 
 
@@ -347,6 +450,7 @@ def differences(res: Results) -> Blocks:
                 "script is not public; our reading is one encoder with four heads, loss = sum of the four cross-entropies "
                 "on one shared batch, one shared gradient batch and probe set for all ops."))
     out += mt_notes
+    out += update_at_most_one(res)
     grids = res.intervention_grids()
     grad = [speedups(res.grid(op, m)) for op, m in grids if m == "gradient"]
     keep = [s[c]["speedup"] for s in grad for c in ("C", "E") if c in s and s[c]["speedup"] is not None]
@@ -530,7 +634,7 @@ def build(res: Results, figs: Sequence[tuple[str, Path]], meta: dict[str, Any]) 
              f"{res.worker_s / 3600:.1f} worker-hours on 2 CPU cores. Training seeds so far: "
              f"{', '.join(map(str, res.seeds)) or 'none'}."),
         *protocol(res),
-        Heading("The paper's headline results beside ours", 2), *headline(res),
+        Heading("The paper's headline results beside ours", 2), *headline(res), *multitask_table(res),
         Heading("The paper's conclusions, checked", 2), *claims(res),
         Heading("Differences from the paper, and why", 2), *differences(res),
         Heading("Coupling by phase", 2), *phase_table(res),
@@ -600,7 +704,9 @@ def output_section(out_dir: Path, figures_to: Path) -> Section:
 
 def claim_numbers(res: Results) -> dict[str, Any]:
     """The paper's qualitative claims as numbers: the smallest gradient/update peak ratio per run length, the
-    smallest per-op gradient / aggregated update ratio of the multitask runs, the smallest keep speedup."""
+    smallest per-op gradient / aggregated update ratio of the multitask runs, the largest aggregated update peak R̄ of
+    the multitask runs (the paper: ≤ 1) under the standard reading and the author's per-op inputs, the smallest keep
+    speedup."""
     out: dict[str, Any] = {}
     for length in LENGTHS:
         rs = gradient_over_update(res, length)
@@ -608,6 +714,9 @@ def claim_numbers(res: Results) -> dict[str, Any]:
     per_op = Spread.of(ratio_of(run_value(mt, "stop_rule", per_op_key(op), op),
                                 run_value(mt, "stop_rule", UPDATE, op)) for mt in res.multitask for op in mt.ops)
     out["per_op_over_aggregated_min"] = per_op.lo
+    for label, inputs in (("", None), ("/per_op_inputs", PER_OP)):
+        update = Spread.of(run_value(mt, "stop_rule", reading(UPDATE, inputs), op) for mt in res.multitask for op in mt.ops)
+        out[f"multitask_update_peak_max{label}"] = update.hi
     keeps = Spread.of(s["speedup"] for op, m in res.intervention_grids() for c, s in speedups(res.grid(op, m)).items()
                       if c in ("C", "E"))
     out["keep_speedup_min"] = keeps.lo
