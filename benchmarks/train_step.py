@@ -7,12 +7,15 @@ round-robin. Variants (all AdamW lr 1e-3, wd 1.0, betas (0.9, 0.98), clip 1.0, b
   a plain loop: sample, forward, cross-entropy, backward, clip, step;
 * ``hooked``: the same loop on the equivalent ``HookedTransformer`` (TransformerLens' overhead alone);
 * ``trainer``: ``sed_lens.Trainer`` steps (sampling, per-op losses, callbacks hooks, progress bookkeeping);
-  evaluation excluded (it runs every 25 steps in the protocol and is reported separately, per step).
+  evaluation excluded (it runs every 25 steps in the protocol and is reported separately, per step);
+* ``compiled``: the same Trainer with ``TrainConfig(compile=True)`` (``torch.compile`` of the step's forward and
+  backward; the one-off compile happens in the warm-up and is timed separately).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 import torch
@@ -59,15 +62,21 @@ def main() -> None:
         h_opt.step()
 
     trainer = Trainer(build_model("xu2026", task, seed=42), task, TrainConfig(deterministic=False), progress=False)
+    fast = Trainer(build_model("xu2026", task, seed=42), task, TrainConfig(deterministic=False, compile=True),
+                   progress=False)
+    t0 = time.perf_counter()
+    fast.train_step()  # the one-off compile (TorchInductor's on-disk cache makes later processes faster)
+    t_compile = time.perf_counter() - t0
 
-    t = interleaved({"torch": torch_step, "hooked": hooked_step, "trainer": trainer.train_step},
-                    reps=args.reps, inner=args.inner)
+    t = interleaved({"torch": torch_step, "hooked": hooked_step, "trainer": trainer.train_step,
+                     "compiled": fast.train_step}, reps=args.reps, inner=args.inner)
     t_eval = interleaved({"eval": lambda: evaluate(hooked, task)}, reps=3, inner=3)["eval"]
     print(f"machine: {machine()}\n")
     print("| variant | ms/step | ratio to bare PyTorch |")
     print("|---|---|---|")
     for k, label in (("torch", "bare PyTorch (nn.TransformerEncoder)"), ("hooked", "HookedTransformer, plain loop"),
-                     ("trainer", "sed_lens Trainer")):
+                     ("trainer", "sed_lens Trainer"),
+                     ("compiled", f"sed_lens Trainer, compile=True (first step, compiling: {t_compile:.0f} s)")):
         print(f"| {label} | {t[k] * 1e3:.1f} | {t[k] / t['torch']:.2f}× |")
     per_step_eval = t_eval / cfg.eval_every
     print(f"| + full train/test eval every {cfg.eval_every} steps | {per_step_eval * 1e3:.1f} per step "

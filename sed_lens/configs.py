@@ -207,6 +207,23 @@ class Config:
     if typing.TYPE_CHECKING:  # every Config is a dataclass: tell the type checker (dataclasses.fields takes it)
         __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
+    later_options: ClassVar[tuple[str, ...]] = ()
+    """Options added after results were kept: :meth:`to_dict` leaves them out while they hold their default."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """``dataclasses.asdict(self)`` (nested configs too) without the :attr:`later_options` that hold their
+        default: the config of a run that does not use a later option is the one written before it existed, so
+        finished runs (matched by their config) and a scan's cached responses (by a fingerprint of it) stay valid.
+        This is what run directories, grid cells and checkpoints record."""
+        flat = dataclasses.asdict(self)
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in self.later_options and value == f.default:
+                continue
+            out[f.name] = value.to_dict() if isinstance(value, Config) else flat[f.name]
+        return out
+
     def __post_init__(self) -> None:
         hints = type_hints(type(self))
         for f in fields(self):
@@ -253,6 +270,12 @@ class TrainConfig(Config):
     sampler_seed: int | None = field(default=None, metadata={"help": "seed of the batch sampler (default: the task seed)"})
     deterministic: bool = field(default=True, metadata={
         "help": "use PyTorch's deterministic algorithms while training, so reruns are bit-identical"})
+    compile: bool = field(default=False, metadata={
+        "help": "compile the training step's forward and backward with torch.compile (needs a C++ compiler): "
+                "about 1.5x faster steps on CPU after a one-off compile (about a minute, then cached on disk); reruns "
+                "stay bit-identical, but a compiled run rounds differently from an eager one"})
+
+    later_options: ClassVar[tuple[str, ...]] = ("compile",)
 
     def validate(self) -> None:
         super().validate()
@@ -349,15 +372,6 @@ class ScanConfig(Config):
                 "0..p-1, from 1..p-1 for mul only); first alignment, keys SOURCE[/OP]/ALIGN/per_op"})
 
     later_options: ClassVar[tuple[str, ...]] = ("per_op_inputs",)
-    """Options added after results were kept: :meth:`to_dict` leaves them out while they hold their default."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """``asdict(self)`` without the :attr:`later_options` that hold their default: the config of a scan that does
-        not use them is the one written before they existed (finished runs are matched by their config, and a scan's
-        cached responses by a fingerprint of it)."""
-        defaults = {f.name: f.default for f in fields(self)}
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if not (k in self.later_options and v == defaults[k])}
 
     def validate(self) -> None:
         super().validate()  # the choices of method, readout, aligns and sources are checked on construction

@@ -22,9 +22,9 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -122,6 +122,19 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 @torch.inference_mode()
+def compiled(model: HookedTransformer) -> HookedTransformer:
+    """``torch.compile(model)`` for the training step (``TrainConfig.compile``), checked before any step: a
+    missing C++ compiler or a platform without TorchInductor is one clear error. The compiled module shares the
+    model's parameters (an optimizer of ``model`` trains it) and reads its readout; evaluation stays eager."""
+    import shutil
+
+    check(hasattr(torch, "compile"), "compile needs torch.compile (torch 2.x).")
+    check(model_device(model).type != "cpu" or any(shutil.which(cc) for cc in ("c++", "g++", "clang++")),
+          "compile on the CPU needs a C++ compiler (c++, g++ or clang++ on PATH); install one or train without "
+          "--compile.")
+    return cast(HookedTransformer, torch.compile(model))  # an OptimizedModule that calls and reads like the model
+
+
 def evaluate(model: HookedTransformer, task: Task) -> dict[str, float]:
     """The task's evaluation metrics (:meth:`sed_lens.task.Task.evaluate`: for modular arithmetic the loss and
     accuracy of every op on the full train and test splits, from one forward pass over the grid), with the model
@@ -184,6 +197,7 @@ class Trainer:
               f"the task has {task.n_ctx} positions but the model's context is {model.cfg.n_ctx}.")
         self.model = model
         self.task = task
+        self._step_model = compiled(model) if self.config.compile else model  # what the training step runs
         self.callbacks = list(callbacks)
         self.run = run
         self.optimizer = optimizer or make_optimizer(model, self.config)
@@ -265,7 +279,7 @@ class Trainer:
         tokens, labels = self.task.batch(cfg.batch_size, self.sampler)
         device = model_device(self.model)
         tokens, labels = tokens.to(device), {op: y.to(device) for op, y in labels.items()}
-        losses = self.task.losses(task_logits(self.model, tokens), labels)
+        losses = self.task.losses(task_logits(self._step_model, tokens), labels)
         loss = sum(losses.values())
         assert isinstance(loss, Tensor)  # a task has at least one op, so this is never sum()'s start value 0
         self.optimizer.zero_grad(set_to_none=True)
@@ -342,7 +356,7 @@ class Trainer:
                         "stop_step": self.stop_step, "cross_step": self.cross_step,
                         "wall_time": self.wall_time, "history": self.history},
             "callbacks": [cb.state_dict() for cb in self.callbacks],
-            "config": asdict(self.config),
+            "config": self.config.to_dict(),
         }
 
     def save_checkpoint(self, path: str | Path) -> Path:

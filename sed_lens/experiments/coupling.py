@@ -338,7 +338,7 @@ def cells(cfg: CouplingConfig) -> list[Cell]:
         # --progress is not handed on (a cell never shows a bar): cell configs stay the same whatever it was.
         g = GrokkingConfig(ops=ops, seed=seed, train=cfg.train, sed=(), **shared(cfg, ModelOptions),
                            wandb_mode=cfg.wandb_mode, wandb_project=cfg.wandb_project)
-        return asdict(g)
+        return g.to_dict()
 
     out: list[Cell] = []
     single_scan = replace(cfg.scan, per_op_inputs=False)

@@ -16,7 +16,7 @@ import shlex
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -149,7 +149,7 @@ def open_run(cfg: GrokkingConfig, config: dict[str, Any] | None = None, job_type
     """The run directory (and W&B run) of ``cfg``; ``config`` is logged (default: ``cfg``). ``resume`` reopens
     an existing run directory (and its W&B run)."""
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(job_type, cfg.name)
-    return Run(run_dir, config if config is not None else {"experiment": "grokking", **asdict(cfg)},
+    return Run(run_dir, config if config is not None else {"experiment": "grokking", **cfg.to_dict()},
                wandb_mode=cfg.wandb_mode, project=cfg.wandb_project, name=cfg.name, job_type=job_type, resume=resume)
 
 

@@ -154,7 +154,7 @@ def cells(cfg: InductionConfig) -> list[Any]:
     """Per seed the main run, then every projected condition (the control is the main run)."""
     from sed_lens.grid import Cell
 
-    common = {"task": cfg.task_args(), "preset": cfg.preset, "device": cfg.device, "train": asdict(cfg.train),
+    common = {"task": cfg.task_args(), "preset": cfg.preset, "device": cfg.device, "train": cfg.train.to_dict(),
               "wandb_mode": cfg.wandb_mode, "wandb_project": cfg.wandb_project, "progress": False}
     out = []
     for seed in cfg.seeds:

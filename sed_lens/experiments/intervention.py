@@ -155,7 +155,7 @@ def cells(cfg: InterventionConfig) -> list[Cell]:
             grok = GrokkingConfig(ops=(cfg.op,), seed=seed, train=TrainConfig(**asdict(cfg.train)), sed=(),
                                   **shared(cfg, ModelOptions), wandb_mode=cfg.wandb_mode,
                                   wandb_project=cfg.wandb_project)
-            grok_dict = {k: v for k, v in asdict(grok).items() if k not in ("run_dir", "progress")}
+            grok_dict = {k: v for k, v in grok.to_dict().items() if k not in ("run_dir", "progress")}
             # The control changes nothing, whatever it would act on: one canonical config, so the gradient and
             # update grids of the same op can share their control runs.
             apply_to = cfg.method if cond.mode != "none" else "gradient"
@@ -176,7 +176,7 @@ def grid_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
     grok = config_from_dict(GrokkingConfig, {**config["grokking"], "run_dir": run_dir, "progress": False})
     grok = grokking.resolved(grok)
-    resume = grokking.prepare_resume(run_dir, {"experiment": "grokking", **asdict(grok)})
+    resume = grokking.prepare_resume(run_dir, {"experiment": "grokking", **grok.to_dict()})
     projection = SubspaceProjection(**config["projection"])
     result, _ = grokking.run(grok, [projection], resume=resume)
     return {**result.summary(), "condition": config["condition"], "intervention": projection.describe(),
