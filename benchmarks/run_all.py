@@ -24,6 +24,8 @@ SECTIONS = [
     ("Rolling SED: incremental Gram vs full SVD vs randomized SVD", "benchmarks.sed", ["--reps", "2"]),
     ("Coupling per snapshot: exact JVP / HVP vs finite differences", "benchmarks.coupling",
      ["--reps", "1", "--train-steps", "50"]),
+    ("Centroid responses: one direction at a time vs vectorised over directions", "benchmarks.coupling_responses",
+     ["--reps", "1", "--train-steps", "10", "--probes", "128"]),
     ("Memory: an 8,000-step streaming run vs a checkpoint every 25 steps", "benchmarks.memory", ["--steps", "1000"]),
     ("Command-line latency: --help and a bad flag", "benchmarks.cli_latency", []),
     ("The reproduction protocol, phase by phase (from the runs' own timings)", "benchmarks.protocol_profile", []),

@@ -357,7 +357,9 @@ class ScanConfig(Config):
         "help": "window-size ablation on the gradient stream (k=1, peak R_1), e.g. 1,2,5,10,20,40", "cli": False})
     ablation_eps: tuple[float, ...] = field(default=(), metadata={
         "help": "finite-difference ε ablation on the gradient stream, e.g. 0.001,0.005,0.05", "cli": False})
-    chunk_size: int = field(default=8, metadata={"help": "directions per vectorised JVP"})
+    chunk_size: int = field(default=8, metadata={
+        "help": "directions per vectorised response call (on a CPU, hvp and fd may take fewer: see "
+                "sed_lens.analysis.coupling.CPU_DIRECTION_PROBES)"})
     analysis_seeds: int = field(default=1, metadata={
         "help": "analysis seeds: the scan is repeated with the seeds of the gradient batch, the probes and the random "
                 "directions shifted by 1, 2, … (extra seeds re-measure the first alignment of each source only)"})

@@ -1,11 +1,13 @@
 import copy
+import warnings
 
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sed_lens.analysis.centroids import centroids
-from sed_lens.analysis.coupling import centroid_response, coupling, perturbation_scale
+from sed_lens.analysis import coupling as coupling_module
+from sed_lens.analysis.centroids import CentroidMap, centroids
+from sed_lens.analysis.coupling import centroid_response, coupling, directions_per_call, perturbation_scale
 from sed_lens.errors import SedLensError
 from sed_lens.models import build_model, get_readout, set_readout
 from sed_lens.subspace import ParamSubspace
@@ -95,7 +97,126 @@ def test_jvp_response_matches_finite_differences(multitask):
     assert eps == pytest.approx(1e-3 * float(S.weights().double().norm()))
     by_hand = fd_by_hand(model, S, dirs[0], x, y, "sq", eps)
     assert float(jvp[0]) == pytest.approx(by_hand, rel=1e-3)
+    # the vectorised central difference (all 3 directions' ± perturbations in one vmap) is the same difference
+    assert float(fd[0]) == pytest.approx(by_hand, rel=1e-6)
+    assert float(fd[2]) == pytest.approx(fd_by_hand(model, S, dirs[2], x, y, "sq", eps), rel=1e-6)
     assert torch.allclose(centroid_response(model, S, dirs, (x, y), task="sq", probe_batch=20), jvp, rtol=1e-5)
+
+
+def loop_responses(model, S, dirs, probes, method, eps_rel=0.005, task=None, readout="correct_logit"):
+    """A(v) by the one-direction-at-a-time loops (no vmap), in float64: the reference of the vectorised paths."""
+    cmap = CentroidMap(model, *probes, readout=readout, task=task)
+    base = {n: p.detach() for n, p in S.parameters_of(model).items()}
+    rows = slice(0, probes[0].shape[0])
+    eps = perturbation_scale(model, S, eps_rel)
+    was_training = model.training
+    model.eval()
+    try:
+        return coupling_module._loop_sq(method, cmap, model, base, S, dirs, rows, eps) / probes[0].shape[0]
+    finally:
+        model.train(was_training)
+
+
+def no_fallback(record):
+    return not [w for w in record if "could not vectorise" in str(w.message)]
+
+
+@pytest.mark.parametrize("method", ["hvp", "fd"])
+def test_vectorised_hvp_and_fd_equal_the_one_direction_loops(multitask, method):
+    """Groups of 1, 2, 3 (not dividing 7), 7 and 8 (> n) directions per call, a zero row and a row 5e-4 off unit
+    norm among them: every A(v) as the loop's, to float32 rounding; the zero row exactly 0."""
+    task, model = multitask
+    S = ParamSubspace.attention(model)
+    x, y = task.probes(32, seed=5)
+    d = S.random_directions(6, torch.Generator().manual_seed(3))
+    dirs = torch.cat([d[:3], torch.zeros(1, S.dim), d[3:5], d[5:] * (1 + 5e-4)])
+    ref = loop_responses(model, S, dirs, (x, y), method, task="mul")
+    assert ref[3] == 0 and (ref[[0, 1, 2, 4, 5, 6]] > 0).all()
+    for chunk in (1, 2, 3, 7, 8):
+        assert directions_per_call(method, chunk, 32, torch.device("cpu")) == chunk  # the CPU cap does not bind here
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            A = centroid_response(model, S, dirs, (x, y), method=method, task="mul", chunk_size=chunk)
+        assert no_fallback(record)
+        assert A[3] == 0
+        torch.testing.assert_close(A.double(), ref, rtol=1e-5, atol=0)
+    # probe batches that do not divide the probes: the sums over them still add up
+    A = centroid_response(model, S, dirs, (x, y), method=method, task="mul", chunk_size=3, probe_batch=13)
+    torch.testing.assert_close(A.double(), ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("method", ["hvp", "fd"])
+def test_vectorised_paths_in_float64(multitask, method):
+    task, model = multitask
+    model64 = copy.deepcopy(model).double()
+    model64.cfg.dtype = torch.float64  # else TransformerLens' LayerNorm casts back to float32
+    S = ParamSubspace.attention(model64)
+    x, y = task.probes(24, seed=6)
+    dirs = S.random_directions(5, torch.Generator().manual_seed(4), dtype=torch.float64)
+    cmap = CentroidMap(model64, x, y, task="add")
+    base = {n: p.detach() for n, p in S.parameters_of(model64).items()}
+    rows, eps = slice(0, 24), perturbation_scale(model64, S, 0.005)
+    model64.eval()
+    ref = coupling_module._loop_sq(method, cmap, model64, base, S, dirs, rows, eps)
+    for per_call in (2, 3, 5):
+        got = coupling_module._batched_sq(method, cmap, model64, base, S, dirs, rows, eps, per_call)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)
+    if method == "fd":  # and, at a small ε, the vectorised central difference is the exact response (float64 only)
+        exact = coupling_module._hvp_sq(cmap, model64, S, dirs, rows, 1)
+        small = coupling_module._batched_sq("fd", cmap, model64, base, S, dirs, rows, perturbation_scale(model64, S, 1e-5), 5)
+        torch.testing.assert_close(small, exact, rtol=1e-8, atol=0)
+
+
+def test_a_readout_vmap_cannot_take_falls_back_to_the_loop_with_a_warning(multitask):
+    task, model = multitask
+    S = ParamSubspace.attention(model)
+    x, y = task.probes(16, seed=7)
+    dirs = S.random_directions(3, torch.Generator().manual_seed(5))
+
+    def data_dependent(logits, labels):  # .item() inside vmap is a RuntimeError
+        return logits.logsumexp(-1) * (2.0 if logits.abs().max().item() > 1e-3 else 1.0)
+
+    ref = loop_responses(model, S, dirs, (x, y), "fd", task="sq", readout=data_dependent)
+    with pytest.warns(RuntimeWarning, match=r"could not vectorise over directions \(RuntimeError.*one direction at a time"):
+        A = centroid_response(model, S, dirs, (x, y), method="fd", task="sq", readout=data_dependent, probe_batch=8)
+    torch.testing.assert_close(A.double(), ref, rtol=1e-5, atol=0)
+    # hvp vectorises only the backward, which this readout does not stop
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        A = centroid_response(model, S, dirs, (x, y), method="hvp", task="sq", readout=data_dependent)
+    assert no_fallback(record)
+    torch.testing.assert_close(A.double(), loop_responses(model, S, dirs, (x, y), "hvp", task="sq", readout=data_dependent),
+                               rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("method", ["hvp", "fd"])
+def test_any_failure_of_the_vectorised_path_falls_back_once(multitask, method, monkeypatch):
+    task, model = multitask
+    S = ParamSubspace.attention(model)
+    x, y = task.probes(20, seed=8)
+    dirs = S.random_directions(4, torch.Generator().manual_seed(6))
+    ref = loop_responses(model, S, dirs, (x, y), method, task="add")
+    calls = []
+
+    def fails(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("out of memory\nsecond line")
+
+    monkeypatch.setattr(coupling_module, "_batched_sq", fails)
+    with pytest.warns(RuntimeWarning, match=r"\(RuntimeError: out of memory\); measuring one direction at a time"):
+        A = centroid_response(model, S, dirs, (x, y), method=method, task="add", chunk_size=2, probe_batch=7)
+    assert len(calls) == 1  # not retried for the later probe batches
+    torch.testing.assert_close(A.double(), ref, rtol=1e-5, atol=0)
+
+
+def test_directions_per_call():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert directions_per_call("fd", 8, 1024, cpu) == 2 and directions_per_call("hvp", 8, 1024, cpu) == 1
+    assert directions_per_call("fd", 8, 64, cpu) == 8 and directions_per_call("hvp", 8, 64, cpu) == 4
+    assert directions_per_call("hvp", 3, 64, cpu) == 3 and directions_per_call("hvp", 8, 256, cpu) == 1
+    assert directions_per_call("fd", 8, 100_000, cpu) == 1
+    assert directions_per_call("hvp", 8, 1024, gpu) == 8 and directions_per_call("fd", 5, 10**6, gpu) == 5
 
 
 @pytest.fixture(scope="module")

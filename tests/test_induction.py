@@ -368,3 +368,30 @@ def test_the_centroid_response_matches_finite_differences_of_the_autograd_centro
             shifted.append(_embedding_centroid(m, tokens, labels["next"], task.readout_positions))
         fd = (((shifted[0] - shifted[1]) / (2 * eps)) ** 2).sum() / tokens.shape[0]
         assert float(A[j]) == pytest.approx(float(fd), rel=2e-2)
+
+
+@pytest.mark.parametrize("method", ["hvp", "fd"])
+def test_vectorised_responses_over_several_readout_positions_equal_the_loops(small, method, recwarn):
+    """The readout averaged over the labelled positions (labels -100 elsewhere) under vmap: hvp / fd with 3
+    directions per call (of 4, a zero row among them) as one direction at a time; hvp as the exact jvp."""
+    from sed_lens.analysis import coupling as coupling_module
+    from sed_lens.analysis.centroids import CentroidMap
+    from sed_lens.analysis.coupling import perturbation_scale
+
+    task, model = small
+    tokens, labels = task.probes(6, seed=3)
+    S = ParamSubspace.attention(model)
+    d = S.random_directions(3, torch.Generator().manual_seed(5))
+    dirs = torch.cat([d[:2], torch.zeros(1, S.dim), d[2:]])
+    A = centroid_response(model, S, dirs, (tokens, labels), method=method, chunk_size=3)
+    assert not [w for w in recwarn if "could not vectorise" in str(w.message)]
+    cmap = CentroidMap(model, tokens, labels)
+    base = {n: p.detach() for n, p in S.parameters_of(model).items()}
+    was_training = model.training
+    model.eval()
+    loop = coupling_module._loop_sq(method, cmap, model, base, S, dirs, slice(0, 6), perturbation_scale(model, S, 0.005))
+    model.train(was_training)
+    torch.testing.assert_close(A.double(), loop / 6, rtol=1e-5, atol=0)
+    assert A[2] == 0
+    if method == "hvp":
+        torch.testing.assert_close(A, centroid_response(model, S, dirs, (tokens, labels), method="jvp"), rtol=1e-4, atol=0)

@@ -8,13 +8,21 @@ the mean squared norm of the directional derivative of the probes' centroids (se
 :mod:`sed_lens.analysis.centroids`). ``method="jvp"`` computes it exactly by forward-over-reverse autodiff (a
 ``torch.func.jvp`` of the centroid gradient, ``vmap``-ed over directions in chunks); ``method="hvp"`` computes
 the same exact value by reverse-over-reverse autodiff (μ̇_x = ∂/∂δ_x ⟨∇_θ R, v⟩, a Hessian-vector-product
-pattern: one shared differentiable backward, then one backward per direction); ``method="fd"`` uses the paper's
-central difference (μ(θ + εv) − μ(θ − εv)) / 2ε with ε = ``eps_rel``·‖θ_S‖. The coupling of k
-directions is R_j = A(v_j) / median_r A(r) over random unit directions r in S, and R̄ = mean_j R_j.
+pattern: one shared differentiable backward, then one backward per group of directions); ``method="fd"`` uses the
+paper's central difference (μ(θ + εv) − μ(θ − εv)) / 2ε with ε = ``eps_rel``·‖θ_S‖, the ± perturbations of a
+group of directions stacked into one ``vmap``-ed centroid evaluation. The coupling of k directions is
+R_j = A(v_j) / median_r A(r) over random unit directions r in S, and R̄ = mean_j R_j.
+
+How many directions one vectorised call of ``hvp`` or ``fd`` takes: ``chunk_size`` on an accelerator; on a CPU
+at most that, and fewer when the probes are many (:data:`CPU_DIRECTION_PROBES`), since there the work per
+direction is memory-bound elementwise arithmetic that batching does not shrink, and batched activations that
+outgrow the caches make a call slower per direction (``python -m benchmarks.coupling_responses`` measures it).
+A model or readout that ``torch.func`` cannot vectorise falls back, with a warning, to one direction at a time.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +42,14 @@ Probes = tuple[Int[Tensor, "n pos"], Mapping[str, Tensor] | Tensor | None]
 
 
 UNIT_RTOL = 1e-3  # a direction's norm may differ from 1 by this much (relative); rows of zeros are allowed
+
+CPU_DIRECTION_PROBES = {"hvp": 256, "fd": 2048}
+"""On a CPU, one vectorised call of ``hvp`` / ``fd`` takes at most this many (direction × probe) pairs (and at
+least one direction, at most ``chunk_size``). Measured on the paper's model with 1 thread
+(``benchmarks/coupling_responses.py``): the central difference gains from stacking a few directions' ±
+perturbations (~1.15× per direction at 1,024 probes, ~1.5× at 128) and loses again past a few thousand pairs; the
+batched reverse-over-reverse backward (``is_grads_batched``) is slower than one backward per direction except for
+tiny probe batches, so from 256 probes on ``hvp`` goes one direction at a time."""
 
 
 def perturbation_scale(model: HookedTransformer, subspace: ParamSubspace, eps_rel: float) -> float:
@@ -65,7 +81,8 @@ def centroid_response(model: HookedTransformer, subspace: ParamSubspace, directi
         method: ``"jvp"`` or ``"hvp"`` (exact, equal up to rounding) or ``"fd"`` (central difference with
             ε = eps_rel·‖θ_S‖).
         site, readout, task: the centroid (see :func:`sed_lens.analysis.centroids.centroids`).
-        chunk_size: directions per vectorised JVP (bounds memory).
+        chunk_size: directions per vectorised call (bounds memory); on a CPU, ``hvp`` and ``fd`` may take fewer
+            (see :data:`CPU_DIRECTION_PROBES`).
         probe_batch: probes per pass (default: all).
     """
     check(method in METHODS, f"unknown method {method!r}; choose {' or '.join(METHODS)}.")
@@ -84,19 +101,54 @@ def centroid_response(model: HookedTransformer, subspace: ParamSubspace, directi
     was_training = model.training
     model.eval()
     total = torch.zeros(dirs.shape[0], dtype=accumulation_dtype(device), device=device)
+    eps = perturbation_scale(model, subspace, eps_rel) if method == "fd" else 0.0
+    vectorise = True  # until torch.func fails on this model / readout
     try:
         for lo in range(0, n_probes, pb):
             rows = slice(lo, lo + pb)
             if method == "jvp":
                 total += _jvp_sq(cmap, base, subspace, dirs, rows, chunk_size)
-            elif method == "hvp":
-                total += _hvp_sq(cmap, model, subspace, dirs, rows)
-            else:
-                eps = perturbation_scale(model, subspace, eps_rel)
-                total += _fd_sq(cmap, base, subspace, dirs, rows, eps)
+                continue
+            per_call = directions_per_call(method, chunk_size, min(pb, n_probes - lo), device)
+            if vectorise and (method == "fd" or per_call > 1):  # (hvp with 1 per call is the loop)
+                try:
+                    total += _batched_sq(method, cmap, model, base, subspace, dirs, rows, eps, per_call)
+                    continue
+                except (RuntimeError, NotImplementedError) as e:  # not SedLensError (a ValueError): bad inputs
+                    vectorise = False
+                    first = str(e).splitlines()[0] if str(e) else ""
+                    warnings.warn(f"centroid_response(method={method!r}) could not vectorise over directions "
+                                  f"({type(e).__name__}: {first[:200]}); measuring one direction at a time.",
+                                  RuntimeWarning, stacklevel=2)
+            total += _loop_sq(method, cmap, model, base, subspace, dirs, rows, eps)
     finally:
         model.train(was_training)
     return (total / n_probes).to(torch.float32).cpu()
+
+
+def directions_per_call(method: str, chunk_size: int, n_rows: int, device: torch.device) -> int:
+    """Directions per vectorised ``hvp`` / ``fd`` call for ``n_rows`` probes: ``chunk_size`` on an accelerator; on
+    a CPU at most :data:`CPU_DIRECTION_PROBES` ``[method] // n_rows`` of them (at least 1)."""
+    if device.type != "cpu":
+        return chunk_size
+    return max(1, min(chunk_size, CPU_DIRECTION_PROBES[method] // max(n_rows, 1)))
+
+
+def _batched_sq(method: str, cmap: CentroidMap, model: HookedTransformer, base: dict[str, Tensor],
+                subspace: ParamSubspace, dirs: Tensor, rows: slice, eps: float, per_call: int) -> Tensor:
+    """``hvp`` / ``fd`` with ``per_call`` directions per vectorised call (``torch.func``: a ``RuntimeError`` when it
+    cannot vectorise the model or readout, e.g. ``.item()`` or data-dependent control flow inside ``vmap``)."""
+    if method == "hvp":
+        return _hvp_sq(cmap, model, subspace, dirs, rows, per_call)
+    return _fd_sq_batched(cmap, base, subspace, dirs, rows, eps, per_call)
+
+
+def _loop_sq(method: str, cmap: CentroidMap, model: HookedTransformer, base: dict[str, Tensor],
+             subspace: ParamSubspace, dirs: Tensor, rows: slice, eps: float) -> Tensor:
+    """``hvp`` / ``fd`` one direction at a time, without ``vmap`` (the fallback of :func:`_batched_sq`)."""
+    if method == "hvp":
+        return _hvp_sq(cmap, model, subspace, dirs, rows, 1)
+    return _fd_sq(cmap, base, subspace, dirs, rows, eps)
 
 
 def _jvp_sq(cmap: CentroidMap, base: dict[str, Tensor], subspace: ParamSubspace, dirs: Tensor, rows: slice,
@@ -116,32 +168,60 @@ def _jvp_sq(cmap: CentroidMap, base: dict[str, Tensor], subspace: ParamSubspace,
     return torch.cat(out)
 
 
-def _hvp_sq(cmap: CentroidMap, model: HookedTransformer, subspace: ParamSubspace, dirs: Tensor, rows: slice) -> Tensor:
+def _hvp_sq(cmap: CentroidMap, model: HookedTransformer, subspace: ParamSubspace, dirs: Tensor, rows: slice,
+            per_call: int = 1) -> Tensor:
     """Σ over the probes in ``rows`` of ‖J_x v‖², exactly, by reverse-over-reverse autodiff.
 
-    R = Σ_x R_x with δ injected at the site; g = ∇_θ R (differentiable); μ̇_x = ∂⟨g, v⟩/∂δ_x, since
-    ∂²R/∂δ_x∂θ · v is the directional derivative of the centroid μ_x = ∂R/∂δ_x.
+    R = Σ_x R_x with δ injected at the site; g = ∇_θ R (differentiable, shared by every direction);
+    μ̇_x = ∂⟨g, v⟩/∂δ_x, since ∂²R/∂δ_x∂θ · v is the directional derivative of the centroid μ_x = ∂R/∂δ_x.
+    ``per_call`` directions share one backward (``is_grads_batched``); with 1, one plain backward per direction.
     """
     named = subspace.parameters_of(model)
     tokens = cmap.tokens[rows]
     labels = None if cmap.labels is None else cmap.labels[rows]
     dtype = next(iter(named.values())).dtype
     delta = torch.zeros((tokens.shape[0], *cmap.shape), dtype=dtype, device=tokens.device, requires_grad=True)
+    n = dirs.shape[0]
     with torch.enable_grad():
         total = cmap.readout_sum(delta, {}, tokens, labels)
         grads = torch.autograd.grad(total, list(named.values()), create_graph=True)
         acc = accumulation_dtype(delta.device)
-        out = torch.empty(dirs.shape[0], dtype=acc, device=delta.device)
-        for j in range(dirs.shape[0]):
-            t = subspace.unflatten(dirs[j].to(dtype), full=True)
-            mu_dot = torch.autograd.grad(grads, delta, grad_outputs=[t[n] for n in named], retain_graph=j < len(dirs) - 1)[0]
-            out[j] = (mu_dot.detach().to(acc) ** 2).sum()
+        out = torch.empty(n, dtype=acc, device=delta.device)
+        for i in range(0, n, per_call):
+            part = dirs[i:i + per_call].to(dtype)
+            t = subspace.unflatten(part, full=True)
+            keep = i + per_call < n
+            if part.shape[0] == 1:
+                mu_dot = torch.autograd.grad(grads, delta, grad_outputs=[t[k][0] for k in named], retain_graph=keep)[0][None]
+            else:
+                mu_dot = torch.autograd.grad(grads, delta, grad_outputs=[t[k] for k in named], retain_graph=keep,
+                                             is_grads_batched=True)[0]
+            out[i:i + part.shape[0]] = (mu_dot.detach().to(acc) ** 2).flatten(1).sum(1)
     return out
+
+
+def _fd_sq_batched(cmap: CentroidMap, base: dict[str, Tensor], subspace: ParamSubspace, dirs: Tensor, rows: slice,
+                   eps: float, per_call: int) -> Tensor:
+    """:func:`_fd_sq`, with the 2·``per_call`` perturbed weights θ ± εv of ``per_call`` directions stacked into one
+    ``vmap``-ed centroid evaluation (what does not depend on the weights, e.g. the embedding, is computed once)."""
+    acc = accumulation_dtype(dirs.device)
+    dtype = next(iter(base.values())).dtype
+    centroids_at = torch.func.vmap(lambda params: cmap(params, rows))
+    out = []
+    with torch.no_grad():
+        for i in range(0, dirs.shape[0], per_call):
+            t = subspace.unflatten(dirs[i:i + per_call].to(dtype), full=True)
+            m = next(iter(t.values())).shape[0]
+            mu = centroids_at({n: torch.cat([base[n] + eps * t[n], base[n] - eps * t[n]]) for n in base})
+            diff = (mu[:m].to(acc) - mu[m:].to(acc)) / (2 * eps)
+            out.append((diff ** 2).flatten(1).sum(1))
+    return torch.cat(out)
 
 
 def _fd_sq(cmap: CentroidMap, base: dict[str, Tensor], subspace: ParamSubspace, dirs: Tensor, rows: slice,
            eps: float) -> Tensor:
-    """Σ over the probes in ``rows`` of ‖(μ(θ+εv) − μ(θ−εv)) / 2ε‖² for every direction."""
+    """Σ over the probes in ``rows`` of ‖(μ(θ+εv) − μ(θ−εv)) / 2ε‖² for every direction, one at a time (what
+    :func:`_fd_sq_batched` falls back to)."""
     acc = accumulation_dtype(dirs.device)
     out = torch.empty(dirs.shape[0], dtype=acc, device=dirs.device)
     with torch.no_grad():
