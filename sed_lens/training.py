@@ -138,11 +138,13 @@ def compiled(model: HookedTransformer) -> HookedTransformer:
 def evaluate(model: HookedTransformer, task: Task) -> dict[str, float]:
     """The task's evaluation metrics (:meth:`sed_lens.task.Task.evaluate`: for modular arithmetic the loss and
     accuracy of every op on the full train and test splits, from one forward pass over the grid), with the model
-    in eval mode and its readout logits from :func:`sed_lens.models.task_logits`."""
+    in eval mode and its readout logits from :func:`sed_lens.models.task_logits`. No autograd graph is built (the
+    same numbers, ~1.5× faster than a forward that records one)."""
     was_training = model.training
     model.eval()
     try:
-        return task.evaluate(model, lambda tokens: task_logits(model, tokens))
+        with torch.no_grad():
+            return task.evaluate(model, lambda tokens: task_logits(model, tokens))
     finally:
         model.train(was_training)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sed_lens.errors import SedLensError
-from sed_lens.models import build_model
+from sed_lens.models import build_model, task_logits
 from sed_lens.tasks import ModularArithmetic
 from sed_lens.tracking import Run, read_jsonl
 from sed_lens.training import Callback, TrainConfig, Trainer, evaluate
@@ -257,3 +257,20 @@ def test_compile_without_a_cpp_compiler_is_one_clear_error(tiny_task, monkeypatc
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(SedLensError, match="needs a C\\+\\+ compiler"):
         Trainer(build_model("xu2026", tiny_task), tiny_task, TrainConfig(compile=True), progress=False)
+
+
+def test_evaluation_records_no_autograd_graph_and_gives_the_numbers_of_a_graph_recording_forward(tiny_multitask):
+    model = build_model("xu2026", tiny_multitask, seed=2)
+    seen = []
+    real = type(tiny_multitask).evaluate
+
+    def spy(self, m, readout):
+        seen.append(torch.is_grad_enabled())
+        return real(self, m, readout)
+
+    recorded = real(tiny_multitask, model, lambda t: task_logits(model.eval(), t))  # grad enabled: a graph
+    model.train()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(tiny_multitask), "evaluate", spy)
+        out = evaluate(model, tiny_multitask)
+    assert seen == [False] and out == recorded
