@@ -47,3 +47,19 @@ def test_protocol_profile_adds_up_the_runs_own_timings(tmp_path):
     assert times["scan: centroid responses, exact (HVP)"] == 150.0
     assert times["scan: other (bookkeeping, loading snapshots)"] == 200.0 - 195.0
     assert sum(times.values()) == 300.0 + 200.0 + 1.0 + 60.0
+
+
+def test_run_all_only_reruns_the_named_benchmarks_and_keeps_the_other_sections(tmp_path, monkeypatch):
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\nold header\n\n## Kept\n\nold table | 1 |\n\n## Rerun\n\nstale\n")
+    monkeypatch.setattr(run_all, "SECTIONS", [("Kept", "benchmarks.kept_one", []),
+                                              ("Rerun", "benchmarks.cli_latency",
+                                               ["--reps", "1", "--clis", "sed_lens.report"])])
+    monkeypatch.setattr(sys, "argv", ["run_all", "--out", str(out), "--only", "benchmarks.cli_latency", "--quick"])
+    run_all.main()
+    text = out.read_text()
+    assert "## Kept\n\nold table | 1 |\n" in text and "stale" not in text and "measured 20" in text
+    assert "--quick --only benchmarks.cli_latency" in text
+    monkeypatch.setattr(sys, "argv", ["run_all", "--out", str(out), "--only", "benchmarks.nope"])
+    with pytest.raises(SystemExit):
+        run_all.main()
