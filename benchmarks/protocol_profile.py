@@ -19,12 +19,15 @@ from sed_lens.cli import ArgumentParser
 from sed_lens.experiments.reproduction_results import load_results
 
 
-def profile(results: str | Path) -> tuple[dict[str, float], dict[str, int], int]:
-    """``({phase: worker-seconds}, {method: directions measured}, runs)`` over every run in ``results``."""
+def profile(results: str | Path, seed: int | None = None) -> tuple[dict[str, float], dict[str, int], int]:
+    """``({phase: worker-seconds}, {method: directions measured}, runs)`` over every run in ``results`` (or only
+    those of training seed ``seed``)."""
     res = load_results(results)
+    coupling = [r for r in res.coupling if seed is None or r.seed == seed]
+    interventions = [r for r in res.interventions if seed is None or r.seed == seed]
     t: dict[str, float] = defaultdict(float)
     dirs: dict[str, int] = defaultdict(int)
-    for r in res.coupling:
+    for r in coupling:
         tm = r.timings
         train = float(tm.get("train", 0.0))
         tt = r.train.get("timings", {})
@@ -45,9 +48,12 @@ def profile(results: str | Path) -> tuple[dict[str, float], dict[str, int], int]
         t["coupling runs: outputs (figures, JSON, W&B)"] += float(tm.get("outputs", 0.0))
         for method, n in tm.get("measured_directions", {}).items():
             dirs[method] += int(n)
-    for r in res.interventions:
+    for r in interventions:
         t["intervention runs (training to the grok step)"] += r.wall_s
-    return dict(t), dict(dirs), len(res.coupling) + len(res.interventions)
+    return dict(t), dict(dirs), len(coupling) + len(interventions)
+
+
+STEP_PHASES = ("coupling runs: optimizer steps", "intervention runs (training to the grok step)")
 
 
 def main() -> None:
@@ -66,6 +72,22 @@ def main() -> None:
         print("directions measured: " + ", ".join(f"{m} {k:,}" for m, k in sorted(dirs.items())))
     if steps:
         print(f"\nworker time / optimizer steps (interventions counted whole, evals included): {total / steps:.2f}×")
+    res = load_results(args.results)
+    seeds = sorted({r.seed for r in res.coupling} | {r.seed for r in res.interventions})
+    if len(seeds) > 1:  # later seeds ran on later code: the columns compare before and after
+        per = {s: profile(args.results, s) for s in seeds}
+        print("\nPer training seed (each seed's runs ran on the sed_lens of their day; coupling runs differ in what "
+              "they measure: the ablations ride on seed 42):\n")
+        print("| seed | runs | worker h | coupling train | coupling scan | interventions | worker / optimizer steps |")
+        print("|---|---|---|---|---|---|---|")
+        for s_, (tm, _, k) in per.items():
+            tot = sum(tm.values())
+            st = sum(tm.get(ph, 0.0) for ph in STEP_PHASES)
+            train = sum(v for ph, v in tm.items() if ph.startswith("coupling runs:") and "outputs" not in ph)
+            scan = sum(v for ph, v in tm.items() if ph.startswith("scan:"))
+            iv = tm.get(STEP_PHASES[1], 0.0)
+            print(f"| {s_} | {k} | {tot / 3600:.2f} | {train:.0f} | {scan:.0f} | {iv:.0f} | "
+                  f"{tot / st:.2f}× |" if st else f"| {s_} | {k} | {tot / 3600:.2f} | {train:.0f} | {scan:.0f} | {iv:.0f} | — |")
 
 
 if __name__ == "__main__":
