@@ -36,7 +36,7 @@ import hashlib
 import json
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,33 @@ def extended_indices(measured: Sequence[int], n_total: int) -> list[int]:
     return sorted(set(measured) | {i for i in extra if i < n_total} | {n_total - 1})
 
 
+class Snapshots:
+    """The ``(step, state)`` pairs of a trajectory, indexable. A store that can read one state at a time (a
+    :class:`~sed_lens.hooks.snapshots.SnapshotStore`: ``steps`` and ``state(i)``) is read lazily — a store on disk
+    is never held in memory whole (≈1.2 MB per snapshot of the paper's model); any other iterable of pairs is
+    kept as a list."""
+
+    def __init__(self, source: Iterable[tuple[int, dict[str, Tensor]]]) -> None:
+        state = getattr(source, "state", None)
+        if callable(state) and hasattr(source, "steps"):
+            self.steps: list[int] = [int(s) for s in getattr(source, "steps")]  # noqa: B009 - duck-typed store
+            self._get: Any = state
+        else:
+            pairs = list(source)
+            self.steps = [int(s) for s, _ in pairs]
+            self._get = [st for _, st in pairs].__getitem__
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i: int) -> tuple[int, dict[str, Tensor]]:
+        return self.steps[i], self._get(range(len(self.steps))[i])
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        for i in range(len(self.steps)):
+            yield self[i]
+
+
 class TrajectoryScan:
     """The coupling of one trained trajectory, measured for several run lengths and analysis seeds.
 
@@ -190,9 +217,10 @@ class TrajectoryScan:
         self.cfg.validate()
         self.model, self.task, self.progress = model, task, progress
         self.subspace = subspace or ParamSubspace.attention(model)
-        self.snaps = list(snapshots)
+        self.snaps = Snapshots(snapshots)
         check(len(self.snaps) >= 2, f"a coupling scan needs at least 2 snapshots, got {len(self.snaps)}.")
-        self.steps = [s for s, _ in self.snaps]
+        self.steps = list(self.snaps.steps)
+        self._fingerprint: str | None = None
         self.sources = tuple(s for s in self.cfg.sources if s != "task_gradient" or task.multitask)
         self.per_op = self.cfg.per_op_inputs and task.multitask  # also measure the per-op variant
         check(not self.per_op or isinstance(task, ModularArithmetic),
@@ -212,10 +240,12 @@ class TrajectoryScan:
     def fingerprint(self) -> str:
         """What the cached responses depend on: the scan configuration, the snapshot steps, the task's ops and
         the weights of the last snapshot (so a cache of another trajectory is never reused)."""
-        last = self.snaps[-1][1]
-        weights = torch.cat([last[n].detach().flatten().to(torch.float64).cpu() for n in sorted(last)])
-        text = repr((self.cfg.to_dict(), self.steps, tuple(self.task.ops), tensor_digest(weights)))
-        return hashlib.sha256(text.encode()).hexdigest()
+        if self._fingerprint is None:
+            last = self.snaps[len(self.snaps) - 1][1]
+            weights = torch.cat([last[n].detach().flatten().to(torch.float64).cpu() for n in sorted(last)])
+            text = repr((self.cfg.to_dict(), self.steps, tuple(self.task.ops), tensor_digest(weights)))
+            self._fingerprint = hashlib.sha256(text.encode()).hexdigest()
+        return self._fingerprint
 
     def _restore_responses(self) -> int:
         from sed_lens.serialization import load
