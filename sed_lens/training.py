@@ -356,7 +356,7 @@ class Trainer:
             "trainer": {"loss": self.loss, "grad_norm": self.grad_norm, "grok_step": self.grok_step,
                         "patience": self.patience, "stopped_early": self.stopped_early,
                         "stop_step": self.stop_step, "cross_step": self.cross_step,
-                        "wall_time": self.wall_time, "history": self.history},
+                        "wall_time": self.wall_time, "history": self.history, "timings": dict(self.timings)},
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "config": self.config.to_dict(),
         }
@@ -400,6 +400,7 @@ class Trainer:
         self.grok_step, self.patience, self.stopped_early = dict(t["grok_step"]), t["patience"], t["stopped_early"]
         self.stop_step, self.cross_step = t.get("stop_step"), t.get("cross_step")
         self.wall_time, self.history = t["wall_time"], list(t["history"])
+        self.timings = {**self.timings, **dict(t.get("timings", {}))}  # (checkpoints before 0.2 kept none)
         for cb, s in zip(self.callbacks, state["callbacks"], strict=True):
             cb.load_state_dict(s)
 

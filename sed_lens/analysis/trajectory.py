@@ -234,6 +234,7 @@ class TrajectoryScan:
         self.measured_directions: dict[str, int] = {}  # directions measured per method (cache misses)
         self.responses_path = Path(responses) if responses is not None else None
         self._unsaved = False
+        self._started, self.elapsed_before = time.perf_counter(), 0.0
         self.restored = self._restore_responses()  # responses read back from an earlier, interrupted scan
 
     # --- the response cache on disk ----------------------------------------------------------------------
@@ -261,7 +262,18 @@ class TrajectoryScan:
             return 0
         for key, value in zip(data["keys"], data["values"], strict=True):
             self._cache[_as_tuple(json.loads(key))] = value
+        # the work of the earlier attempts counts too: what the scan cost is the sum over its attempts
+        for what, secs in dict(data.get("timings", {})).items():
+            self.timings[what] = self.timings.get(what, 0.0) + float(secs)
+        for method, n in dict(data.get("measured_directions", {})).items():
+            self.measured_directions[method] = self.measured_directions.get(method, 0) + int(n)
+        self.elapsed_before = float(data.get("elapsed", 0.0))
         return len(data["keys"])
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds this scan has run, over every attempt (an interrupted scan's included)."""
+        return self.elapsed_before + time.perf_counter() - self._started
 
     def save_responses(self) -> None:
         """Write the response cache to ``responses`` (atomically) if it holds anything not yet written."""
@@ -275,7 +287,9 @@ class TrajectoryScan:
         buf = io.BytesIO()
         keys = list(self._cache)
         torch.save(plain({"format": RESPONSES_FORMAT, "fingerprint": self.fingerprint(),
-              "keys": [json.dumps(list(k)) for k in keys], "values": [self._cache[k] for k in keys]}), buf)
+              "keys": [json.dumps(list(k)) for k in keys], "values": [self._cache[k] for k in keys],
+              "timings": dict(self.timings), "measured_directions": dict(self.measured_directions),
+              "elapsed": self.elapsed}), buf)
         atomic_write_bytes(self.responses_path, buf.getvalue())
         self._unsaved = False
 

@@ -147,10 +147,8 @@ def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     logged = {"experiment": "coupling", **config}
     resume = prepare_resume(path, logged)
     store = SnapshotStore(config["every"], path / "snapshots")
-    t_start = time.perf_counter()
     with open_run(gcfg, logged, job_type="coupling", resume=resume) as tracker:
         result, task, model = train(gcfg, tracker, [store], resume=resume)
-        t_trained = time.perf_counter()
         subspace = ParamSubspace.attention(model)
         scans = scan_lengths(model, task, store, scan, result, subspace, stop_acc=gcfg.train.stop_acc,
                              artifacts=path / "artifacts" if config["artifacts"] else None,
@@ -163,7 +161,8 @@ def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
         log_run(tracker, main, figs, gcfg.seed)
     shutil.rmtree(path / "snapshots", ignore_errors=True)  # ≈1.2 MB per snapshot: only an interrupted cell needs them
     (path / "responses.pt").unlink(missing_ok=True)
-    timings = {"train": t_trained - t_start, "scan": t_scanned - t_trained, "outputs": time.perf_counter() - t_scanned,
+    # over every attempt of an interrupted cell: the trainer's wall time and the scan's own clock carry across resumes
+    timings = {"train": result.wall_time, "scan": scans["elapsed"], "outputs": time.perf_counter() - t_scanned,
                "scan_parts": scans["timings"], "measured_directions": scans["measured_directions"]}
     return {"timings": to_jsonable(timings), "train": result.summary(), "coupling": main["summary"], "measured": main["measured"],
             "scans": {length: {str(a): compact_scan(out) for a, out in scans[length].items()}
@@ -196,6 +195,7 @@ def scan_lengths(model: Any, task: Any, store: SnapshotStore, scan: ScanConfig, 
         engine.drop_streams(a)
     out["bases"] = bases
     out["timings"], out["measured_directions"] = engine.timings, engine.measured_directions
+    out["elapsed"] = engine.elapsed
     return out
 
 
