@@ -226,6 +226,7 @@ class TrajectoryScan:
         check(not self.per_op or isinstance(task, ModularArithmetic),
               "per-op inputs (per_op_inputs) are defined for modular-arithmetic tasks only.")
         self._streams: dict[int, dict[str, list[Tensor]]] = {}
+        self._update: list[Tensor] | None = None  # the update stream: the same for every analysis seed
         self._op_inputs: dict[int, dict[str, OpInputs]] = {}
         self._per_op_streams: dict[int, dict[str, list[Tensor]]] = {}
         self._cache: dict[tuple[Any, ...], Tensor] = {}
@@ -302,7 +303,7 @@ class TrajectoryScan:
             gradient_like = tuple(s for s in self.sources if s != "update")
             if cfg.ablation_windows or cfg.ablation_eps:
                 gradient_like = tuple(set(gradient_like) | {"gradient"})
-            wanted = gradient_like + (("update",) if "update" in self.sources and not self._streams else ())
+            wanted = gradient_like + (("update",) if "update" in self.sources and self._update is None else ())
             batch = gradient_batch(self.task, cfg.grad_batch_size, cfg.grad_batch_seed + seed, cfg.grad_batch_split)
             out: dict[str, list[Tensor]] = {}
             if wanted:
@@ -312,7 +313,8 @@ class TrajectoryScan:
                     for name, v in vecs.items():
                         out.setdefault(name, []).append(v)
             if "update" in self.sources:
-                out["update"] = out.get("update") or next(iter(self._streams.values()))["update"]
+                self._update = out["update"] if self._update is None else self._update
+                out["update"] = self._update
             self._loaded = None
             self._streams[seed] = out
             self._time("streams", t0)
@@ -346,8 +348,7 @@ class TrajectoryScan:
 
     def drop_streams(self, seed: int) -> None:
         """Free the stream vectors of analysis seed ``seed`` (kept: the update stream, shared by every seed)."""
-        if seed in self._streams and len(self._streams) > 1:
-            del self._streams[seed]
+        self._streams.pop(seed, None)
         self._per_op_streams.pop(seed, None)
 
     def _load(self, t: int) -> None:
