@@ -125,6 +125,15 @@ def test_spread_and_speedups_against_hand_computed_values(results_dir):
     assert s["C"]["speedup"] == pytest.approx(3.0) and s["C"]["per_seed"] == {42: pytest.approx(3.0)}
     # A run that never grokked counts at its last step (2000) and is marked censored.
     assert s["E"]["censored"] == 1 and s["E"]["speedup"] == pytest.approx(1.5)
+    # A grid part-way through a seed: the control of seed 137 is in, its conditions are not. The speedup compares
+    # seed 42 with seed 42 only (mean control over both seeds would be (3000 + 2000) / 2 / 1000 = 2.5).
+    import dataclasses
+
+    extra = dataclasses.replace(next(r for r in res.grid("add", "gradient") if r.condition == "A"), seed=137,
+                                grok_step=2000, steps=2000)
+    s = speedups([*res.grid("add", "gradient"), extra])
+    assert s["C"]["speedup"] == pytest.approx(3.0) and s["A"]["mean"] == pytest.approx(2500.0)
+    assert s["A"]["speedup"] == pytest.approx(1.0) and s["A"]["per_seed"] == {42: 1.0, 137: 1.0}
 
 
 def test_the_report_states_the_run_length_effect_the_noise_and_the_derivative_with_numbers(results_dir):

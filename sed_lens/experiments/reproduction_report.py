@@ -388,9 +388,11 @@ def differences(res: Results) -> Blocks:
             f"stop rule raises the gradient-SED peak R̄ by {fixed(up.lo, 2)}–{fixed(up.hi, 2)}× (median {fixed(up.median, 2)}×) "
             f"over {up.n} run{'s' if up.n != 1 else ''}: "
             + "; ".join(f"{r.op} s{r.seed} {fixed(a, 0)} → {fixed(b, 0)}" for r, a, b in pairs)
-            + "".join(f" ({r.op} s{r.seed}'s stop rule fired {r.train['stop_step'] - r.train['cross_step']} steps after "
-                      "0.98 — accuracy dips reset its count — past the post-grok stretch, so its stop-rule run already "
-                      f"had post-grok windows: peak {fixed(run_value(r, 'stop_rule', g), 0)})" for r in already)
+            + (" (" + "; ".join(f"{r.op} s{r.seed}'s stop rule fired {r.train['stop_step'] - r.train['cross_step']} "
+                                f"steps after 0.98, peak {fixed(run_value(r, 'stop_rule', g), 0)}" for r in already)
+               + f" — accuracy dips reset the count, so {'these runs' if len(already) > 1 else 'the run'} trained past "
+               f"the post-grok stretch and {'their' if len(already) > 1 else 'its'} stop-rule run already had post-grok "
+               "windows)" if already else "")
             + f". Runs inside the paper's 100–330: {inside['stop_rule']} of {len(single)} stop-rule, "
             f"{inside['post_grok']} of {len(single)} post-grok. The post-grok phase median is {spread_text(post_med)} "
             f"against {spread_text(trans_med)} during the transition (medians over runs [range])."))

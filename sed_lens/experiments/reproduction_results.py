@@ -237,20 +237,22 @@ def load_results(directory: str | Path) -> Results:
 
 
 def speedups(runs: Sequence[InterventionRun], conditions: Sequence[str] = ("A", "B", "C", "D", "E")) -> dict[str, dict[str, Any]]:
-    """Per condition: grok steps per seed, their mean, and the speedup (mean control / mean condition) with the
-    per-seed speedups (control seed s / condition seed s); ``censored``: runs that never grokked (counted at their
-    last step, so the mean is a lower bound)."""
+    """Per condition: grok steps per seed, their mean, and the speedup (mean control / mean condition, both over
+    the seeds that have the control and the condition: a grid whose seeds are not all finished never compares a
+    control of one seed with a condition of another) with the per-seed speedups (control seed s / condition seed s);
+    ``censored``: runs that never grokked (counted at their last step, so the mean is a lower bound)."""
     by = {c: {r.seed: r for r in runs if r.condition == c} for c in conditions}
     ctrl = by.get("A", {})
-    ctrl_mean = statistics.fmean(r.grok_or_last for r in ctrl.values()) if ctrl else None
     out: dict[str, dict[str, Any]] = {}
     for c, rs in by.items():
         if not rs:
             continue
         steps = {s: r.grok_or_last for s, r in sorted(rs.items())}
         mean = statistics.fmean(steps.values())
+        matched = [s for s in steps if s in ctrl]
+        cond_mean = statistics.fmean(steps[s] for s in matched) if matched else 0.0
         per_seed = {s: ctrl[s].grok_or_last / v for s, v in steps.items() if s in ctrl and v > 0}
         out[c] = {"steps": steps, "mean": mean, "censored": sum(r.grok_step is None for r in rs.values()),
-                  "speedup": ctrl_mean / mean if ctrl_mean is not None and mean > 0 else None,
+                  "speedup": statistics.fmean(ctrl[s].grok_or_last for s in matched) / cond_mean if cond_mean > 0 else None,
                   "per_seed": per_seed, "spread": Spread.of(per_seed.values())}
     return out
