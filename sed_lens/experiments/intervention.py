@@ -15,7 +15,6 @@ accuracy.png (test accuracy vs step, one colour per condition, one thin line per
 
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
@@ -184,13 +183,23 @@ def grid_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 
 # --- aggregation ------------------------------------------------------------------------------------------
+def matched_speedup(control: Mapping[int, float], condition: Mapping[int, float]) -> float | None:
+    """Mean control grok step / mean condition grok step over the seeds both have (None without any, or when the
+    condition's mean is 0)."""
+    seeds = [s for s in condition if s in control]
+    if not seeds:
+        return None
+    cond = statistics.fmean(condition[s] for s in seeds)
+    return statistics.fmean(control[s] for s in seeds) / cond if cond > 0 else None
+
+
 def aggregate(runs: Sequence[Mapping[str, Any]], conditions: Sequence[str], control: str = "A") -> dict[str, Any]:
     """Per-condition statistics of the grok steps of ``runs`` (``{"condition", "seed", "grok_step", "steps"}``).
 
     A run that never grokked counts at its last step and marks the condition ``censored`` (its mean is then a
     lower bound). ``std`` is the sample standard deviation over seeds (0 for one seed). ``speedup`` = mean control
-    grok step / mean condition grok step; ``speedup_per_seed`` pairs the runs by seed (control seed s / condition
-    seed s) and gives the spread.
+    grok step / mean condition grok step, both over the seeds that have the control and the condition;
+    ``speedup_per_seed`` pairs the runs by seed (control seed s / condition seed s) and gives the spread.
     """
     by: dict[str, dict[int, float]] = {c: {} for c in conditions}
     censored: dict[str, int] = dict.fromkeys(conditions, 0)
@@ -200,7 +209,6 @@ def aggregate(runs: Sequence[Mapping[str, Any]], conditions: Sequence[str], cont
         censored[r["condition"]] += g is None
     out: dict[str, Any] = {}
     ctrl = by.get(control, {})
-    ctrl_mean = statistics.fmean(ctrl.values()) if ctrl else math.nan
     for c in conditions:
         vals = list(by[c].values())
         check(len(vals) > 0, f"condition {c} has no finished runs.")
@@ -209,7 +217,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]], conditions: Sequence[str], cont
         out[c] = {"grok_steps": [by[c][s] for s in sorted(by[c])], "seeds": sorted(by[c]), "mean": mean,
                   "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "min": min(vals), "max": max(vals),
                   "n_runs": len(vals), "censored": censored[c],
-                  "speedup": ctrl_mean / mean if ctrl and mean > 0 else None,
+                  "speedup": matched_speedup(ctrl, by[c]),
                   "speedup_per_seed": per_seed,
                   "speedup_min": min(per_seed) if per_seed else None,
                   "speedup_max": max(per_seed) if per_seed else None,

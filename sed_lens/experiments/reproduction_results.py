@@ -20,6 +20,7 @@ from typing import Any
 
 from sed_lens.analysis.scan_key import ScanKey, parse_keys
 from sed_lens.errors import SedLensError, check
+from sed_lens.experiments.intervention import matched_speedup
 
 LENGTHS = ("stop_rule", "post_grok")
 LENGTH_LABELS = {"stop_rule": "stop-rule run", "post_grok": "post-grok run"}
@@ -249,10 +250,8 @@ def speedups(runs: Sequence[InterventionRun], conditions: Sequence[str] = ("A", 
             continue
         steps = {s: r.grok_or_last for s, r in sorted(rs.items())}
         mean = statistics.fmean(steps.values())
-        matched = [s for s in steps if s in ctrl]
-        cond_mean = statistics.fmean(steps[s] for s in matched) if matched else 0.0
         per_seed = {s: ctrl[s].grok_or_last / v for s, v in steps.items() if s in ctrl and v > 0}
         out[c] = {"steps": steps, "mean": mean, "censored": sum(r.grok_step is None for r in rs.values()),
-                  "speedup": statistics.fmean(ctrl[s].grok_or_last for s in matched) / cond_mean if cond_mean > 0 else None,
+                  "speedup": matched_speedup({s: r.grok_or_last for s, r in ctrl.items()}, steps),
                   "per_seed": per_seed, "spread": Spread.of(per_seed.values())}
     return out
