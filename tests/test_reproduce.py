@@ -113,3 +113,23 @@ def test_finished_runs_are_kept_as_they_finish_and_restored_without_retraining(t
     shutil.rmtree(root)
     other = [Cell("grid/a", grid[0].target, {**config, "seed": 1})]
     assert restore_results(other, root, kept) == 0
+
+
+def test_only_selects_runs_by_name_pattern_in_plan_order(tmp_path, capsys):
+    from sed_lens.errors import SedLensError
+    from sed_lens.experiments.reproduce import select
+    from sed_lens.grid import Cell
+
+    root = tmp_path / "out"
+    coupling, interventions = plan(ReproduceConfig(out=str(root)))
+    grid = [Cell(str((path / c.name).relative_to(root)), c.target, c.config) for path, c in all_cells(coupling, interventions)]
+    assert select(grid, ()) == grid
+    names = [c.name for c in select(grid, ["coupling/cells/*-s137", "intervention/mul-update/B-*"])]
+    assert set(names) == {f"coupling/cells/{op}-s137" for op in ("add", "sub", "mul", "sq")} | {
+        f"intervention/mul-update/B-remove-sed-s{s}" for s in (42, 137, 2024)}
+    order = [c.name for c in grid]
+    assert names == sorted(names, key=order.index)  # the plan's order (seed by seed), not the patterns'
+    with pytest.raises(SedLensError, match="--only 'coupling/cells/div-s42' matches no run"):
+        select(grid, ["coupling/cells/div-s42"])
+    code = run_cli(reproduce.main, ["--only", "nope", "--out", str(root), "--wandb-mode", "disabled"])
+    assert code != 0 and "matches no run" in capsys.readouterr().err

@@ -13,6 +13,7 @@ claims rather than its numbers (CI runs it).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import platform
@@ -55,6 +56,10 @@ class ReproduceConfig(TrackingOptions, GridOptions):
                 "seed by seed, so an interrupted run can be reported for its finished seeds with --seeds 42)",
         "parse": csv(int)})
     multitask_seeds: tuple[int, ...] = field(default=(42,), metadata={"help": "seeds of the multitask coupling runs"})
+    only: tuple[str, ...] = field(default=(), metadata={
+        "help": "run only the runs whose name (as under OUT, e.g. coupling/cells/add-s137, "
+                "intervention/mul-update/B-remove-sed-s42) matches one of these comma-separated shell patterns, e.g. "
+                "'coupling/*' or '*-s137'; the report is still written from every kept result", "parse": csv(str)})
     results: str | None = field(default=None, metadata={
         "help": "keep each run's compact results (its cell.json: config and every number the report uses) here as "
                 "soon as it finishes, and restore finished runs from here (default: OUT/results; the repository's "
@@ -150,6 +155,18 @@ def all_cells(coupling: coupling_exp.CouplingConfig,
     return sorted(cells, key=rank)
 
 
+def select(grid: Sequence[Cell], patterns: Sequence[str]) -> list[Cell]:
+    """The runs of ``grid`` (in its order) whose name matches one of the shell ``patterns`` (all without any); a
+    pattern that matches no run is an error (a typo would otherwise run nothing)."""
+    if not patterns:
+        return list(grid)
+    for pat in patterns:
+        check(any(fnmatch.fnmatchcase(c.name, pat) for c in grid),
+              f"--only {pat!r} matches no run of the reproduction; runs are named like coupling/cells/add-s42, "
+              "coupling/cells/multitask-s42, intervention/add-gradient/B-remove-sed-s42.")
+    return [c for c in grid if any(fnmatch.fnmatchcase(c.name, pat) for pat in patterns)]
+
+
 def share_controls(interventions: Sequence[intervention_exp.InterventionConfig]) -> None:
     """Copy finished control runs between the gradient and update grids of one op (their configs are equal)."""
     by_op: dict[str, list[intervention_exp.InterventionConfig]] = {}
@@ -216,7 +233,8 @@ def run(cfg: ReproduceConfig, argv: Sequence[str] | None = None) -> dict[str, An
     coupling, interventions = plan(cfg)  # each experiment's config is validated as plan() makes it
     root = Path(cfg.out)
     kept = Path(cfg.results) if cfg.results else root / "results"
-    grid = [Cell(str((path / c.name).relative_to(root)), c.target, c.config) for path, c in all_cells(coupling, interventions)]
+    grid = select([Cell(str((path / c.name).relative_to(root)), c.target, c.config)
+                   for path, c in all_cells(coupling, interventions)], cfg.only)
     skipped = 0
     if not cfg.report_only:
         share_controls(interventions)
