@@ -181,3 +181,7 @@ def test_an_interrupted_intervention_cell_resumes_from_its_checkpoint_with_the_s
     other = Cell(c.name, c.target, {**config, "grokking": {**grok, "seed": 6}})
     execute_cell(other, str(tmp_path / "cut"))
     assert not json.loads((tmp_path / "cut" / "run.json").read_text()).get("resumes")
+    # a directory whose settings cannot be read (a torn config.json) starts over too, without an error
+    (tmp_path / "cut" / "cell.json").unlink(missing_ok=True)
+    (tmp_path / "cut" / "config.json").write_text('{"experiment": "grok')
+    assert numbers(execute_cell(c, str(tmp_path / "cut"))) == numbers(whole)
