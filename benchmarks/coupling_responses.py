@@ -3,8 +3,8 @@
 ``OMP_NUM_THREADS=1 python -m benchmarks.coupling_responses`` builds the paper's model (p 97, ``xu2026``), draws
 1,024 probes and 24 random unit directions in the attention subspace, and measures A(v) for all of them by
 
-* ``old``: verbatim copies of the per-direction loops ``centroid_response`` used before (``hvp``: one shared
-  differentiable backward, then one ``autograd.grad`` per direction; ``fd``: two centroid evaluations per
+* ``old``: the per-direction loops ``centroid_response`` used before, which it keeps as its fallback (``hvp``: one
+  shared differentiable backward, then one ``autograd.grad`` per direction; ``fd``: two centroid evaluations per
   direction);
 * ``new``: :func:`sed_lens.analysis.coupling.centroid_response` as it is now (``hvp`` / ``fd`` vectorised over
   groups of directions, as many per call as :func:`~sed_lens.analysis.coupling.directions_per_call` allows);
@@ -31,6 +31,7 @@ from transformer_lens import HookedTransformer
 from benchmarks.common import machine
 from sed_lens.analysis.centroids import CentroidMap
 from sed_lens.analysis.coupling import (
+    _fd_sq,
     _fd_sq_batched,
     _hvp_sq,
     centroid_response,
@@ -38,43 +39,11 @@ from sed_lens.analysis.coupling import (
     perturbation_scale,
 )
 from sed_lens.cli import ArgumentParser
-from sed_lens.devices import accumulation_dtype, model_device
+from sed_lens.devices import model_device
 from sed_lens.models import build_model
 from sed_lens.subspace import ParamSubspace
 from sed_lens.tasks import ModularArithmetic
 from sed_lens.training import TrainConfig, Trainer
-
-
-# --- the loops centroid_response used before it vectorised hvp and fd (verbatim, for the ratio) ----------------------
-def old_hvp_sq(cmap: CentroidMap, model: HookedTransformer, subspace: ParamSubspace, dirs: Tensor, rows: slice) -> Tensor:
-    named = subspace.parameters_of(model)
-    tokens = cmap.tokens[rows]
-    labels = None if cmap.labels is None else cmap.labels[rows]
-    dtype = next(iter(named.values())).dtype
-    delta = torch.zeros((tokens.shape[0], *cmap.shape), dtype=dtype, device=tokens.device, requires_grad=True)
-    with torch.enable_grad():
-        total = cmap.readout_sum(delta, {}, tokens, labels)
-        grads = torch.autograd.grad(total, list(named.values()), create_graph=True)
-        acc = accumulation_dtype(delta.device)
-        out = torch.empty(dirs.shape[0], dtype=acc, device=delta.device)
-        for j in range(dirs.shape[0]):
-            t = subspace.unflatten(dirs[j].to(dtype), full=True)
-            mu_dot = torch.autograd.grad(grads, delta, grad_outputs=[t[n] for n in named], retain_graph=j < len(dirs) - 1)[0]
-            out[j] = (mu_dot.detach().to(acc) ** 2).sum()
-    return out
-
-
-def old_fd_sq(cmap: CentroidMap, base: dict[str, Tensor], subspace: ParamSubspace, dirs: Tensor, rows: slice,
-              eps: float) -> Tensor:
-    acc = accumulation_dtype(dirs.device)
-    out = torch.empty(dirs.shape[0], dtype=acc, device=dirs.device)
-    with torch.no_grad():
-        for j in range(dirs.shape[0]):
-            t = subspace.unflatten(dirs[j].to(next(iter(base.values())).dtype), full=True)
-            plus = cmap({n: base[n] + eps * t[n] for n in base}, rows)
-            minus = cmap({n: base[n] - eps * t[n] for n in base}, rows)
-            out[j] = (((plus.to(acc) - minus.to(acc)) / (2 * eps)) ** 2).sum()
-    return out
 
 
 def responses(model: HookedTransformer, S: ParamSubspace, dirs: Tensor, probes: tuple[Tensor, Tensor], method: str,
@@ -87,10 +56,10 @@ def responses(model: HookedTransformer, S: ParamSubspace, dirs: Tensor, probes: 
     rows = slice(0, probes[0].shape[0])
     model.eval()
     if method == "hvp":
-        total = old_hvp_sq(cmap, model, S, dirs, rows) if variant == "old" else _hvp_sq(cmap, model, S, dirs, rows, per_call)
+        total = _hvp_sq(cmap, model, S, dirs, rows, 1 if variant == "old" else per_call)  # 1: the old loop
     else:
         eps = perturbation_scale(model, S, eps_rel)
-        total = (old_fd_sq(cmap, base, S, dirs, rows, eps) if variant == "old"
+        total = (_fd_sq(cmap, base, S, dirs, rows, eps) if variant == "old"  # the old loop, kept as the fallback
                  else _fd_sq_batched(cmap, base, S, dirs, rows, eps, per_call))
     return (total / probes[0].shape[0]).to(torch.float32).cpu()
 

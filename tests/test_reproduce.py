@@ -132,4 +132,4 @@ def test_only_selects_runs_by_name_pattern_in_plan_order(tmp_path, capsys):
     with pytest.raises(SedLensError, match="--only 'coupling/cells/div-s42' matches no run"):
         select(grid, ["coupling/cells/div-s42"])
     code = run_cli(reproduce.main, ["--only", "nope", "--out", str(root), "--wandb-mode", "disabled"])
-    assert code != 0 and "matches no run" in capsys.readouterr().err
+    assert code == 2 and "matches no run" in capsys.readouterr().err
