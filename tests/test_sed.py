@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from sed_lens.analysis.sed import RollingSED, principal_angles, sed_over_sequence, subspace_overlap, window_bounds
+from sed_lens.analysis.sed import (
+    RollingSED,
+    iter_sed_over_sequence,
+    principal_angles,
+    sed_over_sequence,
+    subspace_overlap,
+    window_bounds,
+)
 from sed_lens.errors import SedLensError
 
 
@@ -154,3 +161,29 @@ def test_sign_falls_back_to_largest_coordinate_when_the_drift_vanishes():
     d = sed.directions()[0]
     assert d[1] > 0 and d.abs().argmax() == 1
     torch.testing.assert_close(d.abs(), x.abs() / x.norm())
+
+
+class CountingSequence(list):
+    """A list that records the highest index read."""
+
+    furthest = -1
+
+    def __getitem__(self, i):
+        self.furthest = max(self.furthest, i)
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("align", ["trailing", "leading"])
+def test_streamed_bases_come_in_order_as_soon_as_their_window_is_read(align):
+    xs = spectrum_vectors(30, 64, seed=5)
+    wanted = [25, 3, 11, 12, 29]
+    whole = sed_over_sequence(list(xs), wanted, window=6, k=2, align=align)
+    seq = CountingSequence(xs)
+    stream = iter_sed_over_sequence(seq, wanted, window=6, k=2, align=align)
+    got = []
+    for t, b in stream:
+        # the pass has read exactly to the end of this window, not beyond
+        assert seq.furthest == window_bounds(t, 30, 6, align)[1] - 1, (t, seq.furthest)
+        got.append(t)
+        assert torch.equal(b.directions, whole[t].directions) and torch.equal(b.singular_values, whole[t].singular_values)
+    assert got == sorted(wanted)

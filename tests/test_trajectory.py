@@ -491,3 +491,33 @@ def test_an_interrupted_coupling_cell_resumes_training_and_scan_with_the_same_nu
     assert resumed["train"]["timings"]["eval"] > 0  # the trainer's own timings survive its checkpoints
     assert not (cut / "snapshots").exists() and not (cut / "responses.pt").exists()  # only a cut run needs them
     assert len(list((cut / "artifacts").glob("snapshot_*.pt"))) == 4
+
+
+def test_headline_bases_are_the_measured_bases_at_each_keys_peak_and_final(multitask_run, tmp_path):
+    """bases_at="headline" keeps only what save_bases reads, and the scan's numbers do not depend on it."""
+    from sed_lens.analysis.trajectory import save_bases
+    from sed_lens.serialization import load
+
+    task, store, _, _, _, _ = multitask_run
+    model = build_model("xu2026", task, seed=0)
+    cfg = ScanConfig(**PER_OP_CFG, per_op_inputs=True, ablation_windows=(1, 2))
+    idx = snapshot_indices(len(store), PER_OP_CFG["n_snapshots"])
+    every, headline = {}, {}
+    engine = TrajectoryScan(model, task, store, cfg, progress=False)
+    a = engine.run(len(store), idx, bases_out=every)
+    b = engine.run(len(store), idx, bases_out=headline, bases_at="headline")
+    fresh = TrajectoryScan(model, task, store, cfg, progress=False).run(len(store), idx, bases_at="headline")
+    assert a["snapshots"] == b["snapshots"] == fresh["snapshots"] and a["summary"] == b["summary"]
+    assert "task_gradient/mul/leading/per_op" in headline and "gradient/leading/window=1" not in headline
+    for key, by_step in headline.items():
+        wanted = {s[f] for s in (a["summary"][op].get(key) for op in task.ops) if s for f in ("peak_step", "final_step")}
+        assert set(by_step) == wanted, key
+        for step, d in by_step.items():
+            assert torch.equal(d, every[key][step]), (key, step)
+    saved = [load(save_bases(tmp_path / f"{name}.pt", bases, a["summary"], ParamSubspace.attention(model), cfg))
+             for name, bases in (("every", every), ("headline", headline))]
+    assert saved[0]["selected"] == saved[1]["selected"]
+    assert all(torch.equal(saved[0]["bases"][k][s], d) for k, by in saved[1]["bases"].items() for s, d in by.items())
+    assert {k: set(v) for k, v in saved[0]["bases"].items()} == {k: set(v) for k, v in saved[1]["bases"].items()}
+    with pytest.raises(SedLensError, match="bases_at must be"):
+        engine.run(len(store), idx, bases_at="peaks")

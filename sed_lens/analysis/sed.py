@@ -17,7 +17,7 @@ coordinate of v_j is made positive.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,6 +264,14 @@ def sed_over_sequence(vectors: Sequence[Tensor] | Tensor, indices: Iterable[int]
     One streaming pass with :class:`RollingSED`: each window ``[start, stop)`` is read off the rolling Gram
     matrix when the stream reaches ``stop`` (memory O(W·P) beyond the sequence itself).
     """
+    return dict(iter_sed_over_sequence(vectors, indices, window, k, align, rtol))
+
+
+def iter_sed_over_sequence(vectors: Sequence[Tensor] | Tensor, indices: Iterable[int], window: int = 20, k: int = 3,
+                           align: str = "trailing", rtol: float | None = None) -> Iterator[tuple[int, SEDBasis]]:
+    """:func:`sed_over_sequence` as a stream of ``(index, basis)`` pairs in increasing index order (a window's end
+    never decreases with its index, for either alignment), each yielded as soon as the pass reaches the end of its
+    window: a caller that consumes them as they come holds one basis at a time instead of all of them."""
     n = len(vectors)
     idx = sorted(set(int(i) for i in indices))
     wanted: dict[int, list[int]] = {}
@@ -271,9 +279,7 @@ def sed_over_sequence(vectors: Sequence[Tensor] | Tensor, indices: Iterable[int]
         _, stop = window_bounds(t, n, window, align)
         wanted.setdefault(stop, []).append(t)
     sed = RollingSED(window, k, rtol, dtype=vectors[0].dtype if n else torch.float32)
-    out: dict[int, SEDBasis] = {}
     for i in range(max(wanted) if wanted else 0):
         sed.push(vectors[i])
         for t in wanted.get(i + 1, []):
-            out[t] = sed.basis()
-    return out
+            yield t, sed.basis()

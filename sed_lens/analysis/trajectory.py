@@ -49,7 +49,7 @@ from transformer_lens import HookedTransformer
 
 from sed_lens.analysis.coupling import centroid_response, perturbation_scale, ratios
 from sed_lens.analysis.scan_key import PER_OP, RANDOM, ScanKey, parse_keys
-from sed_lens.analysis.sed import SEDBasis, sed_over_sequence, window_bounds
+from sed_lens.analysis.sed import SEDBasis, iter_sed_over_sequence, window_bounds
 from sed_lens.analysis.streams import capture_offline, gradient_batch, task_gradients
 from sed_lens.configs import ScanConfig
 from sed_lens.errors import SedLensError, check
@@ -163,6 +163,47 @@ def extended_indices(measured: Sequence[int], n_total: int) -> list[int]:
     gap = (measured[-1] - measured[0]) / (len(measured) - 1)
     extra = [int(round(measured[-1] + gap * i)) for i in range(1, int((n_total - 1 - measured[-1]) / gap) + 1)]
     return sorted(set(measured) | {i for i in extra if i < n_total} | {n_total - 1})
+
+
+@dataclass
+class KeyBases:
+    """The SED bases of one scan key at the measured snapshots of a run: ``vectors`` (the stream's entries of the
+    run), ``anchors`` (measured snapshot → entry index of its window's anchor), ``window``, ``k``, ``align``; and
+    what names its windows in the response cache, ``name`` and ``extra`` (:meth:`ident`).
+
+    :meth:`stream` computes them in one pass as a scan reaches each snapshot (:func:`iter_sed_over_sequence`), so a
+    scan holds one snapshot's bases at a time; :meth:`at` recomputes those of chosen snapshots."""
+
+    vectors: Sequence[Tensor]
+    anchors: dict[int, int]
+    window: int
+    k: int
+    align: str
+    name: str
+    extra: tuple[Any, ...] = ()
+
+    def ident(self, t: int) -> tuple[Any, ...]:
+        """The identity of the window at snapshot ``t``: stream name, window bounds, k (and ``extra``)."""
+        return (self.name, *window_bounds(self.anchors[t], len(self.vectors), self.window, self.align), self.k,
+                *self.extra)
+
+    def stream(self, snapshots: Iterable[int] | None = None) -> Iterator[tuple[int, SEDBasis]]:
+        """``(snapshot, basis)`` for every anchored snapshot (of ``snapshots`` only, if given) in increasing order,
+        from one streaming pass."""
+        keep = None if snapshots is None else set(snapshots)
+        snapshot_of = {a: t for t, a in self.anchors.items() if keep is None or t in keep}
+        for a, basis in iter_sed_over_sequence(self.vectors, snapshot_of, self.window, self.k, self.align):
+            yield snapshot_of[a], basis
+
+    def next_at(self, stream: Iterator[tuple[int, SEDBasis]], t: int) -> SEDBasis:
+        """The next basis of ``stream`` (from :meth:`stream`), which must be snapshot ``t``'s."""
+        got, basis = next(stream)
+        check(got == t, f"SED bases consumed out of order: expected snapshot {t}, got {got}.")
+        return basis
+
+    def at(self, snapshots: Iterable[int]) -> dict[int, SEDBasis]:
+        """The bases at ``snapshots`` (those anchored), recomputed in one pass."""
+        return dict(self.stream(snapshots))
 
 
 class Snapshots:
@@ -385,15 +426,17 @@ class TrajectoryScan:
     # --- one scan ----------------------------------------------------------------------------------------
     def run(self, n_snapshots: int, measured: Sequence[int], analysis_seed: int = 0, headline_only: bool | None = None,
             fd_compare: bool | None = None, artifacts: str | Path | None = None,
-            bases_out: dict[str, dict[int, Tensor]] | None = None,
+            bases_out: dict[str, dict[int, Tensor]] | None = None, bases_at: str = "measured",
             phases: dict[str, tuple[int | None, int | None]] | None = None) -> dict[str, Any]:
         """The scan of the run's first ``n_snapshots`` snapshots at snapshot indices ``measured``, in the format of
         :func:`scan_coupling`. ``headline_only``: only the first alignment of each source (no ablations; default:
         for analysis seeds other than 0). ``fd_compare``: also the paper's finite difference (ε_rel of the config)
         on every key of the first alignment, as that key's ``fd_eps`` variant (default: the config's ``fd_compare``
         for analysis seed 0). ``phases``: ``{op: (start, end)}`` (:func:`phase_bounds`) adds phase medians.
-        ``bases_out`` is filled as the ``bases`` of ``sed_bases.pt``: keyed by ``str(ScanKey)`` (of the per-op
-        variant only the ``task_gradient/OP/ALIGN/per_op`` bases: its other keys have the standard directions).
+        ``bases_out`` is filled with SED directions, ``{str(ScanKey): {step: [k, P] float32}}`` (of the per-op
+        variant only the ``task_gradient/OP/ALIGN/per_op`` bases: its other keys have the standard directions): at
+        every measured snapshot (``bases_at="measured"``), or (``"headline"``) only at the peak and final snapshot
+        of each key without an ablation window, per op — what :func:`save_bases` keeps, without holding the rest.
         With ``cfg.per_op_inputs`` on a multitask task, every row also holds the per-op variant's keys of the first
         alignment (whatever ``headline_only``), each with the median random response on its own probes."""
         cfg, task, subspace = self.cfg, self.task, self.subspace
@@ -402,68 +445,78 @@ class TrajectoryScan:
         headline_only = analysis_seed > 0 if headline_only is None else headline_only
         fd_compare = cfg.fd_compare and analysis_seed == 0 if fd_compare is None else fd_compare
         check(all(0 <= t < n_snapshots for t in measured), "measured snapshots must lie inside the scanned run.")
+        check(bases_at in ("measured", "headline"), f"bases_at must be 'measured' or 'headline', got {bases_at!r}.")
         streams = self.streams(analysis_seed)
         t0 = time.perf_counter()
         aligns = cfg.aligns[:1] if headline_only else cfg.aligns
         main_align = "leading" if "leading" in cfg.aligns else cfg.aligns[0]
-        # SED bases per key at the measured snapshots, from the entries of the first n_snapshots snapshots
-        bases: dict[ScanKey, dict[int, tuple[SEDBasis, tuple[Any, ...]]]] = {}
+        # SED bases per key at the measured snapshots, from the entries of the first n_snapshots snapshots: each
+        # key's bases come out of one streaming pass as the loop below reaches their snapshot, so only the current
+        # snapshot's bases are held (all of them at once were ~0.5 GB for a single-task run of the paper's model)
+        bases: dict[ScanKey, KeyBases] = {}
         for name, vecs in streams.items():
             if name == "gradient" and "gradient" not in self.sources:
                 continue
             n_entries = n_snapshots - 1 if name == "update" else n_snapshots
             for align in aligns:
-                anchors = {t: stream_entry_index(name, t, align) for t in measured}
-                wanted = [a for a in anchors.values() if a is not None]
-                by_entry = sed_over_sequence(vecs[:n_entries], wanted, cfg.window, cfg.k, align)
-                bases[stream_key(name, align, task.ops)] = {
-                    t: (by_entry[a], (name, *window_bounds(a, n_entries, cfg.window, align), cfg.k))
-                    for t, a in anchors.items() if a is not None}
+                anchors = {t: entry for t in measured if (entry := stream_entry_index(name, t, align)) is not None}
+                bases[stream_key(name, align, task.ops)] = KeyBases(vecs[:n_entries], anchors, cfg.window, cfg.k,
+                                                                    align, name)
         if not headline_only:
             for w in cfg.ablation_windows:
-                n_entries = n_snapshots
                 for align in cfg.aligns:
-                    by_entry = sed_over_sequence(streams["gradient"][:n_entries], measured, w, 1, align)
-                    bases[ScanKey("gradient", align, window=w)] = {
-                        t: (by_entry[t], ("gradient", *window_bounds(t, n_entries, w, align), 1)) for t in measured}
+                    bases[ScanKey("gradient", align, window=w)] = KeyBases(
+                        streams["gradient"][:n_snapshots], {t: t for t in measured}, w, 1, align, "gradient")
         # the per-op variant: the first alignment's update and gradient bases as they are, task_gradient SED of each
         # op's gradient on its own batch; measured on each op's own probes
-        variant: dict[ScanKey, dict[int, tuple[SEDBasis, tuple[Any, ...]]]] = {}
+        variant: dict[ScanKey, KeyBases] = {}
         op_inputs = self.op_inputs(analysis_seed) if self.per_op else {}
         if self.per_op:
             first = cfg.aligns[0]
-            variant = {k.with_inputs(PER_OP): by_t for k, by_t in bases.items()
+            variant = {k.with_inputs(PER_OP): kb for k, kb in bases.items()
                        if k.align == first and k.is_main and k.source != "task_gradient"}
             if "task_gradient" in self.sources:
                 for op, vecs in self.per_op_streams(analysis_seed).items():
-                    by_entry = sed_over_sequence(vecs[:n_snapshots], measured, cfg.window, cfg.k, first)
-                    variant[ScanKey("task_gradient", first, op, inputs=PER_OP)] = {
-                        t: (by_entry[t], (f"task_gradient/{op}", *window_bounds(t, n_snapshots, cfg.window, first),
-                                          cfg.k, PER_OP)) for t in measured}
+                    variant[ScanKey("task_gradient", first, op, inputs=PER_OP)] = KeyBases(
+                        vecs[:n_snapshots], {t: t for t in measured}, cfg.window, cfg.k, first, f"task_gradient/{op}",
+                        (PER_OP,))
         self._time("bases", t0)
-        if bases_out is not None:
-            bases_out.update({str(k): {self.steps[t]: b.directions.float() for t, (b, _) in by_t.items()}
-                              for k, by_t in (*bases.items(), *variant.items())
-                              if k.inputs is None or k.source == "task_gradient"})
+        passes = {id(kb): kb.stream() for kb in (*bases.values(), *variant.values())}  # one pass per stream window
+
+        def kept(k: ScanKey) -> bool:  # the keys whose bases go to bases_out (sed_bases.pt)
+            return k.inputs is None or k.source == "task_gradient"
+
         probes = task.probes(probe_count(task, cfg.n_probes), cfg.probe_seed + analysis_seed)
         art_dir = Path(artifacts) if artifacts is not None else None
         fd_eps = sorted(set((cfg.ablation_eps if not headline_only else ()) + ((cfg.eps_rel,) if fd_compare else ())))
         rows: list[dict[str, Any]] = []
         for t in tqdm(measured, desc="coupling", disable=not self.progress, leave=False):
+            t0 = time.perf_counter()
+            here: dict[int, tuple[SEDBasis, tuple[Any, ...]]] = {}  # this snapshot's basis of each KeyBases
+            for kb in (*bases.values(), *variant.values()):
+                if t in kb.anchors and id(kb) not in here:
+                    here[id(kb)] = (kb.next_at(passes[id(kb)], t), kb.ident(t))
+            at = {k: here[id(kb)] for k, kb in bases.items() if t in kb.anchors}
+            at_variant = {k: here[id(kb)] for k, kb in variant.items() if t in kb.anchors}
+            self._time("bases", t0)
+            if bases_out is not None and bases_at == "measured":
+                for k, (b, _) in (*at.items(), *at_variant.items()):
+                    if kept(k):
+                        bases_out.setdefault(str(k), {})[self.steps[t]] = b.directions.float()
             self._load(t)
             eps = perturbation_scale(self.model, subspace, cfg.eps_rel)
             seed = random_seed_at(cfg.random_seed + analysis_seed, t)
             rand = subspace.random_directions(cfg.n_random, torch.Generator().manual_seed(seed))
-            keys = [k for k in bases if t in bases[k]]
+            keys = list(at)
             row: dict[str, Any] = {"index": t, "step": self.steps[t], "eps": eps, "random_seed": seed, "ops": {}}
             for op in task.ops:
                 op_keys = [k for k in keys if k.source != "task_gradient" or k.op == op]
-                requests = [(bases[k][t][1], bases[k][t][0].directions.float()) for k in op_keys]
+                requests = [(at[k][1], at[k][0].directions.float()) for k in op_keys]
                 *A_keys, A_rand = self._respond(t, analysis_seed, op, cfg.method, cfg.eps_rel,
                                                 requests + [(("random", seed), rand)], probes)
                 res: dict[str, Any] = {RANDOM: {"A": A_rand.tolist(), "median": float(A_rand.median())}}
                 for k, a in zip(op_keys, A_keys, strict=True):
-                    b = bases[k][t][0]
+                    b = at[k][0]
                     r = ratios(a, A_rand)
                     res[str(k)] = {"R": r.tolist(), "R_mean": float(r.mean()), "A": a.tolist(), "rank": b.rank,
                               "sigma": b.singular_values[: b.k + 1].tolist()}
@@ -471,20 +524,20 @@ class TrajectoryScan:
                 for e in fd_eps:
                     # the comparison at the config's ε covers every main key; other ε (the ablation) the gradient only
                     fd_keys = [k for k in main_keys if (fd_compare and e == cfg.eps_rel) or k == ScanKey("gradient", main_align)]
-                    reqs = [(bases[k][t][1], bases[k][t][0].directions.float()) for k in fd_keys]
+                    reqs = [(at[k][1], at[k][0].directions.float()) for k in fd_keys]
                     *A_fd, A_fd_rand = self._respond(t, analysis_seed, op, "fd", e, reqs + [(("random", seed), rand)], probes)
                     for k, a in zip(fd_keys, A_fd, strict=True):
                         r = ratios(a, A_fd_rand)
                         res[str(k.with_fd_eps(e))] = {"R": r.tolist(), "R_mean": float(r.mean()), "A": a.tolist(),
                                                     "median_random": float(A_fd_rand.median())}
                 if op in op_inputs:
-                    v_keys = [k for k in variant if t in variant[k] and (k.source != "task_gradient" or k.op == op)]
-                    reqs = [(variant[k][t][1], variant[k][t][0].directions.float()) for k in v_keys]
+                    v_keys = [k for k in at_variant if k.source != "task_gradient" or k.op == op]
+                    reqs = [(at_variant[k][1], at_variant[k][0].directions.float()) for k in v_keys]
                     *A_v, A_v_rand = self._respond(t, analysis_seed, op, cfg.method, cfg.eps_rel,
                                                    reqs + [(("random", seed), rand)], op_inputs[op].probes,
                                                    probe_id=op_inputs[op].probe_id)
                     for k, a in zip(v_keys, A_v, strict=True):
-                        b = variant[k][t][0]
+                        b = at_variant[k][0]
                         r = ratios(a, A_v_rand)
                         res[str(k)] = {"R": r.tolist(), "R_mean": float(r.mean()), "A": a.tolist(), "rank": b.rank,
                                        "sigma": b.singular_values[: b.k + 1].tolist(),
@@ -493,14 +546,26 @@ class TrajectoryScan:
             rows.append(row)
             self.save_responses()
             if art_dir is not None:
-                directions = {str(k): bases[k][t][0].directions.float() for k in keys}
-                directions |= {str(k): by_t[t][0].directions.float() for k, by_t in variant.items()
-                               if t in by_t and k.source == "task_gradient"}
+                directions = {str(k): b.directions.float() for k, (b, _) in at.items()}
+                directions |= {str(k): b.directions.float() for k, (b, _) in at_variant.items()
+                               if k.source == "task_gradient"}
                 save_artifact(art_dir, self.model, subspace, t, self.steps[t], directions, rand, seed, probes, eps, cfg,
                               row, {op: inp.probes for op, inp in op_inputs.items()} or None)
+        summary = summarize(rows, task.ops, phases)
+        if bases_out is not None and bases_at == "headline":
+            # recomputed for the few snapshots save_bases keeps: every kept key's peak and final, per op
+            t0 = time.perf_counter()
+            index_of = {self.steps[t]: t for t in measured}
+            for k, kb in (*bases.items(), *variant.items()):
+                if k.window is not None or not kept(k):
+                    continue
+                ts = {index_of[s[f]] for s in (summary[op].get(str(k)) for op in task.ops) if s
+                      for f in ("peak_step", "final_step")}
+                bases_out[str(k)] = {self.steps[t]: b.directions.float() for t, b in kb.at(sorted(ts)).items()}
+            self._time("bases", t0)
         return {"config": asdict(cfg), "n_snapshots_total": n_snapshots, "steps_all": self.steps[:n_snapshots],
                 "measured": [self.steps[t] for t in measured], "analysis_seed": analysis_seed, "snapshots": rows,
-                "phases": {op: list(b) for op, b in (phases or {}).items()}, "summary": summarize(rows, task.ops, phases)}
+                "phases": {op: list(b) for op, b in (phases or {}).items()}, "summary": summary}
 
 
 PHASES = ("pre", "transition", "post")

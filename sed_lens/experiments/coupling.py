@@ -191,7 +191,7 @@ def scan_lengths(model: Any, task: Any, store: SnapshotStore, scan: ScanConfig, 
         for name, (n, idx) in lengths.items():
             main = a == 0 and name == "stop_rule"
             out[name][a] = engine.run(n, idx, analysis_seed=a, artifacts=artifacts if main else None,
-                                      bases_out=bases if main else None, phases=phases)
+                                      bases_out=bases if main else None, bases_at="headline", phases=phases)
         engine.drop_streams(a)
     out["bases"] = bases
     out["timings"], out["measured_directions"] = engine.timings, engine.measured_directions
