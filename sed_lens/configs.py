@@ -441,6 +441,10 @@ TRACKING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TrackingOptions)
 """Config keys that change where a run is logged, not what it computes (:mod:`sed_lens.grid` ignores them when it
 matches finished cells)."""
 
+OUTPUT_FIELDS: tuple[str, ...] = ("artifacts_at",)
+"""Config keys that choose which of its files a finished run keeps (the coupling runs' ``artifacts_at``), not what
+it computes: matched like :data:`TRACKING_FIELDS`, so a finished run is reused whatever they were."""
+
 
 @dataclass(kw_only=True)
 class GridOptions(Config):

@@ -521,3 +521,27 @@ def test_headline_bases_are_the_measured_bases_at_each_keys_peak_and_final(multi
     assert {k: set(v) for k, v in saved[0]["bases"].items()} == {k: set(v) for k, v in saved[1]["bases"].items()}
     with pytest.raises(SedLensError, match="bases_at must be"):
         engine.run(len(store), idx, bases_at="peaks")
+
+
+def test_a_peaks_only_cell_keeps_the_artifacts_of_its_reported_values_and_matches_kept_runs(tmp_path):
+    from sed_lens.analysis.trajectory import headline_steps
+    from sed_lens.experiments.grokking import TRACKING_KEYS
+    from sed_lens.grid import Cell, execute_cell, same_config
+
+    config = {"grokking": {"p": 7, "ops": ["add"], "seed": 3, "wandb_mode": "disabled", "sed": [],
+                           "train": {"steps": 40, "eval_every": 10, "checkpoint_every": 0, "stop_patience": 0}},
+              "scan": {"window": 2, "k": 1, "n_probes": 8, "n_random": 3, "n_snapshots": 8},
+              "every": 4, "artifacts": True, "artifacts_at": "peaks"}
+    summary = execute_cell(Cell("add-s3", "sed_lens.experiments.coupling:coupling_cell", config), str(tmp_path))
+    kept = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "artifacts").glob("snapshot_*.pt"))
+    wanted = headline_steps(summary["coupling"])
+    assert kept == sorted(wanted) and 0 < len(kept) < len(summary["measured"])
+    s = summary["coupling"]["add"]["gradient/leading"]
+    assert {s["peak_step"], s["peak_R1_step"], s["final_step"]} <= set(kept)
+    for step in kept:  # each kept artifact still recomputes its reported R
+        got = recompute_artifact(tmp_path / "artifacts" / f"snapshot_{step:06d}.pt")["add"]["gradient/leading"]
+        row = next(r for r in json.loads((tmp_path / "coupling.json").read_text())["snapshots"] if r["step"] == step)
+        assert got == pytest.approx(row["ops"]["add"]["gradient/leading"]["R"], rel=1e-4)
+    # which artifacts a run keeps is not what it computes: a run kept before the option existed still matches
+    old = {k: v for k, v in config.items() if k != "artifacts_at"}
+    assert same_config(old, config, TRACKING_KEYS) and not same_config(old, {**config, "every": 5}, TRACKING_KEYS)

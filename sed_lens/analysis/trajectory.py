@@ -648,6 +648,24 @@ def save_artifact(directory: Path, model: HookedTransformer, subspace: ParamSubs
     return path
 
 
+def headline_steps(summary: dict[str, Any]) -> set[int]:
+    """The snapshots (steps) a scan's reported values come from: every key's peak R̄, peak R₁ and final snapshot,
+    over all ops (``summary``: a scan's ``summary``)."""
+    return {s[f] for keys in summary.values() for s in keys.values()
+            for f in ("peak_step", "peak_R1_step", "final_step") if f in s}
+
+
+def prune_artifacts(directory: str | Path, keep: Iterable[int]) -> int:
+    """Delete the per-snapshot artifacts in ``directory`` whose step is not in ``keep``; returns how many."""
+    wanted = {int(s) for s in keep}
+    gone = 0
+    for path in Path(directory).glob("snapshot_*.pt"):
+        if int(path.stem.split("_")[1]) not in wanted:
+            path.unlink()
+            gone += 1
+    return gone
+
+
 def save_bases(path: str | Path, bases: dict[str, dict[int, Tensor]], summary: dict[str, Any],
                subspace: ParamSubspace, cfg: ScanConfig) -> Path:
     """Save the SED bases of a scan at each main key's peak and final snapshot (``bases`` from

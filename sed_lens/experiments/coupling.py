@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -67,6 +67,8 @@ if TYPE_CHECKING:
 
 WINDOWS = (1, 2, 5, 10, 20, 40)
 EPSILONS = (0.001, 0.005, 0.05)
+ArtifactsAt = Literal["measured", "peaks"]
+"""Which per-snapshot artifacts a finished coupling run keeps (:attr:`CouplingConfig.artifacts_at`)."""
 
 PAPER: dict[str, Any] = {
     "single_update": "≈3–9× (add highest)",
@@ -101,6 +103,9 @@ class CouplingConfig(ModelOptions, TrackingOptions, GridOptions):
     train: TrainConfig = field(default_factory=TrainConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
     artifacts: bool = field(default=True, metadata={"help": "save per measured snapshot what recomputes its R values"})
+    artifacts_at: ArtifactsAt = field(default="measured", metadata={
+        "help": "which artifacts a finished run keeps: every measured snapshot's, or (peaks) only those of the "
+                "snapshots its reported values come from (each key's peak R̄, peak R₁ and final; ~5× less disk)"})
     aggregate: bool = field(default=True, metadata={
         "help": "after the runs, write the tables, figures and W&B summary run to OUT (--no-aggregate: only run "
                 "the cells, e.g. one per wandb agent job; a later run with the same flags aggregates)"})
@@ -136,7 +141,7 @@ def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     post-grok run (the same measured snapshots continued at the same spacing to the end). Each length is scanned
     for every analysis seed. ``coupling.json`` holds the main scan (stop-rule run, analysis seed 0); the returned
     summary (``cell.json``) holds every scan in compact form (:func:`compact_scan`)."""
-    from sed_lens.analysis.trajectory import save_bases
+    from sed_lens.analysis.trajectory import headline_steps, prune_artifacts, save_bases
     from sed_lens.hooks.snapshots import SnapshotStore
     from sed_lens.subspace import ParamSubspace
     from sed_lens.training import curves
@@ -159,6 +164,8 @@ def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
         save_bases(tracker.dir / "sed_bases.pt", scans["bases"], main["summary"], subspace, scan)
         tracker.summary({"coupling": main["summary"]})
         log_run(tracker, main, figs, gcfg.seed)
+    if config["artifacts"] and config.get("artifacts_at", "measured") == "peaks":
+        prune_artifacts(path / "artifacts", headline_steps(main["summary"]))
     shutil.rmtree(path / "snapshots", ignore_errors=True)  # ≈1.2 MB per snapshot: only an interrupted cell needs them
     (path / "responses.pt").unlink(missing_ok=True)
     # over every attempt of an interrupted cell: the trainer's wall time and the scan's own clock carry across resumes
@@ -297,7 +304,7 @@ def paper_for(op: str, key: ScanKey, seed: int | None, multitask: bool) -> str:
 
 def analyse_existing(cfg: CouplingConfig) -> dict[str, Any]:
     """``--from-run``: the coupling of a grokking run saved with ``--snapshot-every``."""
-    from sed_lens.analysis.trajectory import scan_coupling
+    from sed_lens.analysis.trajectory import headline_steps, prune_artifacts, scan_coupling
     from sed_lens.hooks.snapshots import SnapshotStore
 
     src = Path(cfg.from_run or "")
@@ -313,6 +320,8 @@ def analyse_existing(cfg: CouplingConfig) -> dict[str, Any]:
     scan = replace(cfg.scan, n_snapshots=cfg.multitask_snapshots if task.multitask else cfg.scan.n_snapshots)
     out = scan_coupling(model, task, store, scan, artifacts=out_dir / "artifacts" if cfg.artifacts else None,
                         progress=cfg.progress)
+    if cfg.artifacts and cfg.artifacts_at == "peaks":
+        prune_artifacts(out_dir / "artifacts", headline_steps(out["summary"]))
     write_outputs(out_dir, out, read_jsonl(src / "metrics.jsonl"), task.ops)
     print(f"coupling of {src}: {out_dir / 'coupling.json'}")
     for op in task.ops:
@@ -351,19 +360,19 @@ def cells(cfg: CouplingConfig) -> list[Cell]:
                                    ablation_eps=EPSILONS if cfg.eps_ablation else ())
                 out.append(Cell(CellId.single(op, seed).name, target, {
                     "grokking": gconfig((op,), seed), "scan": scan.to_dict(), "every": cfg.every,
-                    "artifacts": cfg.artifacts}))
+                    "artifacts": cfg.artifacts, "artifacts_at": cfg.artifacts_at}))
     elif cfg.window_ablation or cfg.eps_ablation:
         scan = replace(single_scan, ablation_windows=WINDOWS if cfg.window_ablation else (),
                        ablation_eps=EPSILONS if cfg.eps_ablation else ())
         out.append(Cell(CellId.single(ab_op, ab_seed).name, target, {
             "grokking": gconfig((ab_op,), ab_seed), "scan": scan.to_dict(), "every": cfg.every,
-            "artifacts": cfg.artifacts}))
+            "artifacts": cfg.artifacts, "artifacts_at": cfg.artifacts_at}))
     if cfg.multitask:
         for seed in cfg.multitask_seeds or cfg.seeds:
             scan = replace(cfg.scan, n_snapshots=cfg.multitask_snapshots)
             out.append(Cell(CellId.multitask(seed).name, target, {
                 "grokking": gconfig(tuple(cfg.multitask_ops or cfg.ops), seed), "scan": scan.to_dict(),
-                "every": cfg.every, "artifacts": cfg.artifacts}))
+                "every": cfg.every, "artifacts": cfg.artifacts, "artifacts_at": cfg.artifacts_at}))
     return out
 
 

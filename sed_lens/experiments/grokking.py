@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 # Only torch-free modules at the top: the flags are parsed (and --help answered) before torch, TransformerLens,
 # W&B or matplotlib are imported; the functions below import them when they run.
 from sed_lens.cli import config_from_args, config_from_dict, csv, parser_for, run_cli
-from sed_lens.configs import TRACKING_FIELDS, ModelOptions, Source, TrackingOptions, TrainConfig, get_preset
+from sed_lens.configs import OUTPUT_FIELDS, TRACKING_FIELDS, ModelOptions, Source, TrackingOptions, TrainConfig, get_preset
 from sed_lens.devices import resolve_device
 from sed_lens.errors import SedLensError, check
 from sed_lens.rendering import (
@@ -104,9 +104,10 @@ class GrokkingConfig(ModelOptions, TrackingOptions):
         return f"{'+'.join(self.ops)}-p{self.p}-s{self.seed}"
 
 
-TRACKING_KEYS = frozenset(TRACKING_FIELDS)
-"""Fields of :class:`GrokkingConfig` (and of the experiments built on it) that change where a run is logged, not
-what it computes: grids of such runs ignore them when matching finished cells (``run_grid(ignore_keys=...)``)."""
+TRACKING_KEYS = frozenset(TRACKING_FIELDS + OUTPUT_FIELDS)
+"""Fields of :class:`GrokkingConfig` (and of the experiments built on it) that change where a run is logged or which
+of its files it keeps, not what it computes: grids of such runs ignore them when matching finished cells
+(``run_grid(ignore_keys=...)``)."""
 
 
 def matches_paper(cfg: GrokkingConfig) -> bool:

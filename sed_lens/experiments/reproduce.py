@@ -106,11 +106,13 @@ def plan(cfg: ReproduceConfig) -> tuple[coupling_exp.CouplingConfig, list[interv
             train=intervention_exp.InterventionTrainConfig(steps=2000),
             out=str(out / "intervention" / "add-gradient"), **common)]
         return coupling, interventions
+    # artifacts_at="peaks": a finished run keeps the artifacts of its reported values only (disk, not numbers).
     # per_op_inputs: the multitask run is also measured with the author's per-op conventions (the single-task cells
     # leave the option off, coupling.cells: their configs, and so the kept results, stay as they were)
     scan = ScanConfig(analysis_seeds=ANALYSIS_SEEDS, fd_compare=True, per_op_inputs=True)
     coupling = coupling_exp.CouplingConfig(seeds=cfg.seeds, multitask=True, multitask_seeds=cfg.multitask_seeds,
-                                           window_ablation=True, eps_ablation=True, out=str(out / "coupling"),
+                                           window_ablation=True, eps_ablation=True, artifacts_at="peaks",
+                                           out=str(out / "coupling"),
                                            train=TrainConfig(post_grok_steps=post_grok_steps(scan, 25)), scan=scan,
                                            **common)
     interventions = [intervention_exp.InterventionConfig(op=op, method=m, seeds=cfg.seeds,
