@@ -545,3 +545,18 @@ def test_a_peaks_only_cell_keeps_the_artifacts_of_its_reported_values_and_matche
     # which artifacts a run keeps is not what it computes: a run kept before the option existed still matches
     old = {k: v for k, v in config.items() if k != "artifacts_at"}
     assert same_config(old, config, TRACKING_KEYS) and not same_config(old, {**config, "every": 5}, TRACKING_KEYS)
+
+
+def test_streams_on_disk_give_the_same_scan_and_are_deleted_with_their_seed(multitask_run, tmp_path):
+    task, store, _, with_variant, _, _ = multitask_run
+    model = build_model("xu2026", task, seed=0)
+    idx = snapshot_indices(len(store), PER_OP_CFG["n_snapshots"])
+    engine = TrajectoryScan(model, task, store, ScanConfig(**PER_OP_CFG, per_op_inputs=True), progress=False,
+                            streams_dir=tmp_path / "streams")
+    out = engine.run(len(store), idx)
+    assert out["snapshots"] == with_variant["snapshots"]
+    files = {p.name for p in (tmp_path / "streams").iterdir()}
+    assert {"seed0-update.bin", "seed0-gradient.bin", "seed0-task_gradient-mul.bin", "seed0-per_op-add.bin"} <= files
+    engine.drop_streams(0)
+    assert {p.name for p in (tmp_path / "streams").iterdir()} == {"seed0-update.bin"}  # shared by every seed
+    assert engine.run(len(store), idx)["snapshots"] == with_variant["snapshots"]  # recomputed, same numbers

@@ -50,6 +50,7 @@ from transformer_lens import HookedTransformer
 from sed_lens.analysis.coupling import centroid_response, perturbation_scale, ratios
 from sed_lens.analysis.scan_key import PER_OP, RANDOM, ScanKey, parse_keys
 from sed_lens.analysis.sed import SEDBasis, iter_sed_over_sequence, window_bounds
+from sed_lens.analysis.stream_file import StreamFile
 from sed_lens.analysis.streams import capture_offline, gradient_batch, task_gradients
 from sed_lens.configs import ScanConfig
 from sed_lens.errors import SedLensError, check
@@ -57,6 +58,9 @@ from sed_lens.models import model_spec
 from sed_lens.subspace import ParamSubspace
 from sed_lens.task import Batch, Task
 from sed_lens.tasks import ModularArithmetic
+
+Stream = list[Tensor] | StreamFile
+"""A stream's entries over a trajectory: in memory, or on disk (``TrajectoryScan(streams_dir=...)``)."""
 
 ARTIFACT_FORMAT = "sed_lens.coupling_snapshot/1"
 RESPONSES_FORMAT = "sed_lens.coupling_responses/1"
@@ -249,11 +253,15 @@ class TrajectoryScan:
     exists and was written for this trajectory and configuration; otherwise it is ignored) and rewritten after
     every measured snapshot that measured something new, so a scan killed part-way continues where it stopped
     and gives the same numbers as an uninterrupted one.
+
+    ``streams_dir``: keep the stream vectors in files there (:class:`~sed_lens.analysis.stream_file.StreamFile`)
+    instead of in memory — the same numbers, a fraction of the resident memory of a long scan (one file per
+    stream and analysis seed, deleted by :meth:`drop_streams`; what a caller leaves there is its to remove).
     """
 
     def __init__(self, model: HookedTransformer, task: Task, snapshots: Iterable[tuple[int, dict[str, Tensor]]],
                  cfg: ScanConfig | None = None, subspace: ParamSubspace | None = None, progress: bool = True,
-                 responses: str | Path | None = None) -> None:
+                 responses: str | Path | None = None, streams_dir: str | Path | None = None) -> None:
         self.cfg = cfg or ScanConfig()
         self.cfg.validate()
         self.model, self.task, self.progress = model, task, progress
@@ -266,10 +274,11 @@ class TrajectoryScan:
         self.per_op = self.cfg.per_op_inputs and task.multitask  # also measure the per-op variant
         check(not self.per_op or isinstance(task, ModularArithmetic),
               "per-op inputs (per_op_inputs) are defined for modular-arithmetic tasks only.")
-        self._streams: dict[int, dict[str, list[Tensor]]] = {}
-        self._update: list[Tensor] | None = None  # the update stream: the same for every analysis seed
+        self.streams_dir = Path(streams_dir) if streams_dir is not None else None
+        self._streams: dict[int, dict[str, Stream]] = {}
+        self._update: Stream | None = None  # the update stream: the same for every analysis seed
         self._op_inputs: dict[int, dict[str, OpInputs]] = {}
-        self._per_op_streams: dict[int, dict[str, list[Tensor]]] = {}
+        self._per_op_streams: dict[int, dict[str, Stream]] = {}
         self._cache: dict[tuple[Any, ...], Tensor] = {}
         self._loaded: int | None = None
         self.timings: dict[str, float] = {}  # seconds: stream vectors, SED bases, responses per method
@@ -336,7 +345,13 @@ class TrajectoryScan:
         self._unsaved = False
 
     # --- inputs --------------------------------------------------------------------------------------------
-    def streams(self, seed: int) -> dict[str, list[Tensor]]:
+    def _new_stream(self, seed: int, name: str) -> Stream:
+        """An empty stream: a list in memory, or a :class:`StreamFile` in ``streams_dir``."""
+        if self.streams_dir is None:
+            return []
+        return StreamFile(self.streams_dir / f"seed{seed}-{name.replace('/', '-')}.bin")
+
+    def streams(self, seed: int) -> dict[str, Stream]:
         """Stream entries over the whole trajectory for analysis seed ``seed`` (the update stream is shared)."""
         if seed not in self._streams:
             t0 = time.perf_counter()
@@ -346,13 +361,15 @@ class TrajectoryScan:
                 gradient_like = tuple(set(gradient_like) | {"gradient"})
             wanted = gradient_like + (("update",) if "update" in self.sources and self._update is None else ())
             batch = gradient_batch(self.task, cfg.grad_batch_size, cfg.grad_batch_seed + seed, cfg.grad_batch_split)
-            out: dict[str, list[Tensor]] = {}
+            out: dict[str, Stream] = {}
             if wanted:
                 it = capture_offline(self.model, self.task, self.subspace, self.snaps, batch, wanted)
                 for _, vecs in tqdm(it, total=len(self.snaps), desc="stream vectors", disable=not self.progress,
                                     leave=False):
                     for name, v in vecs.items():
-                        out.setdefault(name, []).append(v)
+                        if name not in out:
+                            out[name] = self._new_stream(seed, name)
+                        out[name].append(v)
             if "update" in self.sources:
                 self._update = out["update"] if self._update is None else self._update
                 out["update"] = self._update
@@ -367,13 +384,13 @@ class TrajectoryScan:
             self._op_inputs[seed] = per_op_inputs(self.task, self.cfg, seed)
         return self._op_inputs[seed]
 
-    def per_op_streams(self, seed: int) -> dict[str, list[Tensor]]:
+    def per_op_streams(self, seed: int) -> dict[str, Stream]:
         """The per-op variant's ``task_gradient`` stream of every op for analysis seed ``seed``, ``{op: entries}``:
         at each snapshot the gradient (in the subspace) of that op's loss alone on that op's own gradient batch."""
         if seed not in self._per_op_streams:
             t0 = time.perf_counter()
             inputs = self.op_inputs(seed)
-            out: dict[str, list[Tensor]] = {op: [] for op in self.task.ops}
+            out: dict[str, Stream] = {op: self._new_stream(seed, f"per_op/{op}") for op in self.task.ops}
             for _, state in tqdm(self.snaps, desc="per-op stream vectors", disable=not self.progress, leave=False):
                 self.model.load_state_dict(state, strict=False)
                 for op, inp in inputs.items():
@@ -389,8 +406,10 @@ class TrajectoryScan:
 
     def drop_streams(self, seed: int) -> None:
         """Free the stream vectors of analysis seed ``seed`` (kept: the update stream, shared by every seed)."""
-        self._streams.pop(seed, None)
-        self._per_op_streams.pop(seed, None)
+        for streams in (self._streams.pop(seed, {}), self._per_op_streams.pop(seed, {})):
+            for stream in streams.values():
+                if isinstance(stream, StreamFile) and stream is not self._update:
+                    stream.delete()
 
     def _load(self, t: int) -> None:
         if self._loaded != t:

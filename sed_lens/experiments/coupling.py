@@ -157,7 +157,7 @@ def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
         subspace = ParamSubspace.attention(model)
         scans = scan_lengths(model, task, store, scan, result, subspace, stop_acc=gcfg.train.stop_acc,
                              artifacts=path / "artifacts" if config["artifacts"] else None,
-                             responses=path / "responses.pt")
+                             responses=path / "responses.pt", streams_dir=path / "streams")
         main = scans["stop_rule"][0]
         t_scanned = time.perf_counter()
         figs = write_outputs(tracker.dir, main, result.history, task.ops)
@@ -167,6 +167,7 @@ def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     if config["artifacts"] and config.get("artifacts_at", "measured") == "peaks":
         prune_artifacts(path / "artifacts", headline_steps(main["summary"]))
     shutil.rmtree(path / "snapshots", ignore_errors=True)  # ≈1.2 MB per snapshot: only an interrupted cell needs them
+    shutil.rmtree(path / "streams", ignore_errors=True)  # the scan's stream vectors (TrajectoryScan(streams_dir=...))
     (path / "responses.pt").unlink(missing_ok=True)
     # over every attempt of an interrupted cell: the trainer's wall time and the scan's own clock carry across resumes
     timings = {"train": result.wall_time, "scan": scans["elapsed"], "outputs": time.perf_counter() - t_scanned,
@@ -178,7 +179,8 @@ def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 
 def scan_lengths(model: Any, task: Any, store: SnapshotStore, scan: ScanConfig, result: Any, subspace: ParamSubspace,
-                 stop_acc: float = 0.98, artifacts: Path | None = None, responses: Path | None = None) -> dict[str, Any]:
+                 stop_acc: float = 0.98, artifacts: Path | None = None, responses: Path | None = None,
+                 streams_dir: Path | None = None) -> dict[str, Any]:
     """Scans of one trained trajectory: ``{"stop_rule": {seed: scan}, "post_grok": {seed: scan}, "bases": …}``
     (``post_grok`` only when the run trained past its stop rule). The stop-rule run is the snapshots up to the step
     at which the stop rule fired (all of them when it never fired or training stopped there)."""
@@ -191,7 +193,8 @@ def scan_lengths(model: Any, task: Any, store: SnapshotStore, scan: ScanConfig, 
     if n_stop < len(steps):
         lengths["post_grok"] = (len(steps), extended_indices(measured, len(steps)))
     phases = {op: phase_bounds(result.history, op, end_acc=stop_acc) for op in task.ops}
-    engine = TrajectoryScan(model, task, store, scan, subspace, progress=False, responses=responses)
+    engine = TrajectoryScan(model, task, store, scan, subspace, progress=False, responses=responses,
+                            streams_dir=streams_dir)
     out: dict[str, Any] = {name: {} for name in lengths}
     bases: dict[str, Any] = {}
     for a in range(scan.analysis_seeds):
