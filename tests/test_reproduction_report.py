@@ -12,6 +12,7 @@ from sed_lens.experiments.reproduction_report import (
     claim_numbers,
     differences,
     headline,
+    lacking,
     multitask_table,
     write_report,
 )
@@ -152,10 +153,20 @@ def test_the_report_states_the_run_length_effect_the_noise_and_the_derivative_wi
     assert claims["keep_speedup_min"] == pytest.approx(1.5)
 
 
+def test_a_seed_without_every_run_the_others_have_is_named_partial(results_dir):
+    res = load_results(results_dir)
+    lacks = ["coupling mul", "intervention add-gradient A", "intervention add-gradient C", "intervention add-gradient E"]
+    assert res.missing() == {137: lacks}
+    text = "\n".join(b.text for b in differences(res) if hasattr(b, "text"))
+    assert f"Seeds 42 complete so far; seed 137 lacks 4 runs ({', '.join(lacks)})" in text
+    assert lacking(lacks + ["coupling sq", "coupling sub", "intervention add-update B"]) == \
+        "7 runs (3 coupling, 4 intervention)"
+
+
 def test_report_files_and_figures(results_dir, tmp_path):
     md, html = write_report(results_dir, tmp_path / "out" / "REPRODUCTION.md", {"source": "RUNS", "report": "R.md"})
     text = md.read_text()
-    assert "--report-only --results RUNS --report R.md" in text and "Training seeds so far: 42, 137" in text
+    assert "--report-only --results RUNS --report R.md" in text and "Training seeds: 42, 137 (partial)." in text
     figs = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
     assert len(figs) == 2 and all((md.parent / f).is_file() for f in figs)
     assert html.read_text().count("data:image/png;base64,") == 2

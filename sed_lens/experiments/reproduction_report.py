@@ -13,6 +13,7 @@ a reproduction output directory in ``python -m sed_lens.report`` (:func:`output_
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -468,11 +469,13 @@ def differences(res: Results) -> Blocks:
         out.append(Text("- **Update-projection artefact.** Removing SED from the *update* speeds grokking ("
                         + "; ".join(f"{op} {fixed(v, 2)}×" for op, v in upd.items()) + "; paper 1.21×), an optimizer-"
                         "pipeline artefact the gradient projection does not show."))
-    seeds = res.seeds
-    if seeds and tuple(seeds) != PAPER_SEEDS:
-        out.append(Text(f"- **Seeds {', '.join(map(str, seeds))} so far** (the paper's are {', '.join(map(str, PAPER_SEEDS))}): "
-                        "the training-seed spread covers these only. The reproduction resumes from the committed results "
-                        "and adds the missing seeds."))
+    seeds, missing = res.seeds, res.missing()
+    if seeds and (tuple(seeds) != PAPER_SEEDS or missing):
+        complete = [s for s in seeds if s not in missing]
+        partial = "".join(f"; seed {s} lacks {lacking(m)}" for s, m in missing.items())
+        out.append(Text(f"- **Seeds {', '.join(map(str, complete)) or 'none'} complete so far{partial}** (the paper's "
+                        f"are {', '.join(map(str, PAPER_SEEDS))}): the training-seed spread covers the runs each row "
+                        "names only. The reproduction resumes from the committed results and adds what is missing."))
     out.append(Text("- **Grok steps.** Both use PyTorch's default initialisation of the same `nn.TransformerEncoder` model "
                     "and the paper's split rule and sampler, but the random numbers each seed draws differ from the "
                     "author's run, so step counts compare only roughly; speedups and R ratios compare directly."))
@@ -626,15 +629,24 @@ def protocol(res: Results) -> Blocks:
         "random directions all redrawn); values are exact (HVP) unless marked as the paper's finite difference.")]
 
 
+def lacking(runs: Sequence[str]) -> str:
+    """``Results.missing`` of one seed in words: each run up to six, else how many of each kind."""
+    if len(runs) <= 6:
+        return f"{len(runs)} run{'s' if len(runs) != 1 else ''} ({', '.join(runs)})"
+    kinds = Counter(r.split()[0] for r in runs)
+    return f"{len(runs)} runs ({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))})"
+
+
 def build(res: Results, figs: Sequence[tuple[str, Path]], meta: dict[str, Any]) -> Blocks:
     n_runs = len(res.coupling) + len(res.interventions)
+    missing = res.missing()
     source, report = meta.get("source", "docs/reproduction/runs"), meta.get("report", "docs/REPRODUCTION.md")
     blocks: Blocks = [
         Text(f"Built from the compact results of {n_runs} run{'s' if n_runs != 1 else ''} in `{source}` (each run's "
              f"config and every number used here); regenerate it without training by `python -m "
              f"sed_lens.experiments.reproduce --report-only --results {source} --report {report}`. The runs took "
-             f"{res.worker_s / 3600:.1f} worker-hours on 2 CPU cores. Training seeds so far: "
-             f"{', '.join(map(str, res.seeds)) or 'none'}."),
+             f"{res.worker_s / 3600:.1f} worker-hours on 2 CPU cores. Training seeds: "
+             f"{', '.join(str(s) + (' (partial)' if s in missing else '') for s in res.seeds) or 'none'}."),
         *protocol(res),
         Heading("The paper's headline results beside ours", 2), *headline(res), *multitask_table(res),
         Heading("The paper's conclusions, checked", 2), *claims(res),

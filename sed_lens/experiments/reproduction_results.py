@@ -158,6 +158,18 @@ class Results:
     def seeds(self) -> list[int]:
         return sorted({r.seed for r in self.coupling if not r.multitask} | {r.seed for r in self.interventions})
 
+    def missing(self) -> dict[int, list[str]]:
+        """Per training seed, the runs some other seed has and it lacks (``"coupling OP"``,
+        ``"intervention OP-METHOD C"``): the seeds whose protocol is not complete yet (absent when it is)."""
+        have: dict[int, set[str]] = {s: set() for s in self.seeds}
+        for r in self.coupling:
+            if not r.multitask:
+                have[r.seed].add(f"coupling {r.op}")
+        for i in self.interventions:
+            have[i.seed].add(f"intervention {i.op}-{i.method} {i.condition}")
+        every = set().union(*have.values()) if have else set()
+        return {s: sorted(every - runs) for s, runs in have.items() if every - runs}
+
     def single(self, op: str | None = None) -> list[CouplingRun]:
         return sorted((r for r in self.coupling if not r.multitask and (op is None or r.op == op)), key=lambda r: r.seed)
 
