@@ -259,3 +259,23 @@ def test_a_multitask_run_without_the_per_op_inputs_says_so(tmp_path):
     assert "the author's per-op inputs were not measured in this run" in text
     assert "≤ 1 for 2 of 2 ops" in text and "appears under the standard inputs only." in text
     assert claim_numbers(res)["multitask_update_peak_max/per_op_inputs"] is None
+
+
+def test_a_multitask_run_that_never_finished_grokking_says_so(tmp_path):
+    cell = multitask_cell(42, standard={"add": (3.0, 40.0, 60.0), "mul": (2.5, 30.0, 50.0)})
+    s = cell["summary"]
+    del s["scans"]["post_grok"]
+    s["train"] |= {"steps": 8000, "stop_step": None, "cross_step": None, "grok_step": {"add": 7350, "mul": None}}
+    s["history"] = {"step": [0, 4000, 8000], "test/acc/add": [0.0, 0.5, 0.63], "test/acc/mul": [0.0, 0.1, 0.24]}
+    write_cell(tmp_path, "coupling/cells/multitask-s42", cell)
+    res = load_results(tmp_path)
+    rows = {r[0]: r for r in headline(res)[0].rows}
+    assert rows["multitask (seed 42): aggregated update SED, peak R̄"][3] == \
+        "none: the stop rule never fired in its 8000 steps"
+    text = texts(differences(res))
+    assert ("It trained all its 8000 steps (the paper's cap) and test accuracy ≥ 0.98 was reached by no op (final "
+            "test accuracy: add 0.63; mul 0.24; grok step, test ≥ 0.5: add 7350; mul never)") in text
+    finished = multitask_cell(42, standard={"add": (3.0, 40.0, 60.0), "mul": (2.5, 30.0, 50.0)})
+    finished["summary"]["history"] = {"step": [0, 1000], "test/acc/add": [0.0, 0.99], "test/acc/mul": [0.0, 0.98]}
+    write_cell(tmp_path, "coupling/cells/multitask-s42", finished)
+    assert "It trained all its" not in texts(differences(load_results(tmp_path)))

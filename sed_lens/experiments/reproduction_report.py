@@ -201,10 +201,10 @@ def headline(res: Results) -> Blocks:
             return "; ".join(f"{op} {spread_text(peak(mt, length, per_op_key(op), op))}" for op in mt.ops)
 
         rows.append([f"multitask (seed {mt.seed}): aggregated update SED, peak R̄", "≤ 1 for every task",
-                     *[agg(x) if x in mt.scans else "not run" for x in LENGTHS]])
+                     *[agg(x) if x in mt.scans else absent(mt, x) for x in LENGTHS]])
         rows.append([f"multitask (seed {mt.seed}): per-op gradient SED, peak R̄",
                      "; ".join(f"{op} {v}" for op, v in PAPER_MULTITASK_PER_OP.items()),
-                     *[per(x) if x in mt.scans else "not run" for x in LENGTHS]])
+                     *[per(x) if x in mt.scans else absent(mt, x) for x in LENGTHS]])
         if has_per_op_inputs(mt):
             def agg_own(length: str, mt: CouplingRun = mt) -> str:
                 return "; ".join(f"{op} {spread_text(peak(mt, length, reading(UPDATE, PER_OP), op), 2)}" for op in mt.ops)
@@ -213,10 +213,10 @@ def headline(res: Results) -> Blocks:
                 return "; ".join(f"{op} {spread_text(peak(mt, length, per_op_key(op, PER_OP), op))}" for op in mt.ops)
 
             rows.append([f"multitask (seed {mt.seed}), the author's per-op inputs: aggregated update SED, peak R̄",
-                         "≤ 1 for every task", *[agg_own(x) if x in mt.scans else "not run" for x in LENGTHS]])
+                         "≤ 1 for every task", *[agg_own(x) if x in mt.scans else absent(mt, x) for x in LENGTHS]])
             rows.append([f"multitask (seed {mt.seed}), the author's per-op inputs: per-op gradient SED, peak R̄",
                          "; ".join(f"{op} {v}" for op, v in PAPER_MULTITASK_PER_OP.items()),
-                         *[per_own(x) if x in mt.scans else "not run" for x in LENGTHS]])
+                         *[per_own(x) if x in mt.scans else absent(mt, x) for x in LENGTHS]])
     out: Blocks = [Table(["result", "paper", LENGTH_LABELS["stop_rule"], LENGTH_LABELS["post_grok"]], rows,
                          "Coupling: ours beside the paper's (brackets: median [range] over analysis seeds)")]
     iv_rows = []
@@ -451,7 +451,7 @@ def differences(res: Results) -> Blocks:
                 f"{'reproduced' if (u.hi or 0) <= 1 else 'not reproduced'}); per-op gradient SED {fixed(p.lo)}–{fixed(p.hi)}; "
                 f"the aggregated *gradient* SED (our control) {fixed(a.lo)}–{fixed(a.hi)}, {verdict}. The author's multitask "
                 "script is not public; our reading is one encoder with four heads, loss = sum of the four cross-entropies "
-                "on one shared batch, one shared gradient batch and probe set for all ops."))
+                "on one shared batch, one shared gradient batch and probe set for all ops." + unfinished(mt)))
     out += mt_notes
     out += update_at_most_one(res)
     grids = res.intervention_grids()
@@ -627,6 +627,27 @@ def protocol(res: Results) -> Blocks:
         "the snapshots the longer run adds and in the leading windows the stop rule had clamped). Each length is "
         f"measured with {seeds} analysis seed{'s' if seeds != 1 else ''} (the gradient batch, the probes and the "
         "random directions all redrawn); values are exact (HVP) unless marked as the paper's finite difference.")]
+
+
+def absent(run: CouplingRun, length: str) -> str:
+    """Why ``run`` has no scan of ``length``: a post-grok run needs a stop rule that fired."""
+    if length == "post_grok" and run.train.get("stop_step") is None:
+        return f"none: the stop rule never fired in its {run.train.get('steps')} steps"
+    return "not run"
+
+
+def unfinished(run: CouplingRun, acc: float = 0.98) -> str:
+    """A sentence on the ops of ``run`` that never reached test accuracy ``acc`` (empty if every op did)."""
+    curves = {op: list(run.history.get(f"test/acc/{op}") or []) for op in run.ops}
+    if all(any(a >= acc for a in c) for c in curves.values()):
+        return ""
+    reached = [op for op, c in curves.items() if any(a >= acc for a in c)]
+    final = "; ".join(f"{op} {fixed(c[-1], 2)}" for op, c in curves.items() if c)
+    grok = "; ".join(f"{op} {run.grok_step.get(op) if run.grok_step.get(op) is not None else 'never'}" for op in run.ops)
+    return (f" It trained all its {run.train.get('steps')} steps (the paper's cap) and test accuracy ≥ {acc:g} was reached by "
+            f"{', '.join(reached) or 'no op'} (final test accuracy: {final}; grok step, test ≥ 0.5: {grok}), so it has "
+            "no post-grok phase and no post-grok run: these are the numbers of a model still grokking, and the paper "
+            "does not say whether its multitask model finished.")
 
 
 def lacking(runs: Sequence[str]) -> str:
