@@ -141,7 +141,7 @@ def test_the_report_states_the_run_length_effect_the_noise_and_the_derivative_wi
     res = load_results(results_dir)
     text = "\n".join(b.text for b in differences(res) if hasattr(b, "text"))
     # Post-grok / stop-rule gradient peaks: 260/120, 200/90, 300/150.
-    assert "2.00–2.22×" in text and "add s42 120 → 260" in text
+    assert "multiplies the gradient-SED peak R̄ by 2.00–2.22 (median 2.17; higher in 3 of 3 runs)" in text and "add s42 120 → 260" in text
     assert "Runs inside the paper's 100–330: 2 of 3 stop-rule, 3 of 3 post-grok" in text
     assert "range of 20% of its median" in text  # analysis seeds at ×1.1 and ×0.9
     assert "0.95× the exact one in the stop-rule runs" in text and "0.60× the exact one in the post-grok runs" in text

@@ -386,8 +386,8 @@ def differences(res: Results) -> Blocks:
             "- **Run length is what moves the gradient-SED peak.** The published protocol stops ~20 evals after test "
             "accuracy first reaches 0.98, so the leading windows of the last snapshots are clamped to one window that "
             "straddles the transition and no fully post-grok window exists. Training the same trajectory on past the "
-            f"stop rule raises the gradient-SED peak R̄ by {fixed(up.lo, 2)}–{fixed(up.hi, 2)}× (median {fixed(up.median, 2)}×) "
-            f"over {up.n} run{'s' if up.n != 1 else ''}: "
+            f"stop rule multiplies the gradient-SED peak R̄ by {fixed(up.lo, 2)}–{fixed(up.hi, 2)} (median "
+            f"{fixed(up.median, 2)}; higher in {sum(v > 1 for v in up.values)} of {up.n} run{'s' if up.n != 1 else ''}): "
             + "; ".join(f"{r.op} s{r.seed} {fixed(a, 0)} → {fixed(b, 0)}" for r, a, b in pairs)
             + (" (" + "; ".join(f"{r.op} s{r.seed}'s stop rule fired {r.train['stop_step'] - r.train['cross_step']} "
                                 f"steps after 0.98, peak {fixed(run_value(r, 'stop_rule', g), 0)}" for r in already)
