@@ -279,3 +279,11 @@ def test_a_multitask_run_that_never_finished_grokking_says_so(tmp_path):
     finished["summary"]["history"] = {"step": [0, 1000], "test/acc/add": [0.0, 0.99], "test/acc/mul": [0.0, 0.98]}
     write_cell(tmp_path, "coupling/cells/multitask-s42", finished)
     assert "It trained all its" not in texts(differences(load_results(tmp_path)))
+
+
+def test_the_runs_table_lists_runs_by_op_then_numeric_seed(results_dir):
+    from sed_lens.experiments.reproduction_report import run_table
+
+    write_cell(results_dir, "coupling/cells/add-s2024", coupling_cell("add", 2024, 130.0, 8.0, 250.0))
+    rows = run_table(load_results(results_dir))[0].rows
+    assert [(r[0], r[1]) for r in rows] == [("add", "42"), ("add", "137"), ("add", "2024"), ("mul", "42")]

@@ -292,7 +292,8 @@ def multitask_table(res: Results) -> Blocks:
 
 def run_table(res: Results) -> Blocks:
     rows = []
-    for r in res.coupling:
+    ops = res.ops
+    for r in sorted(res.coupling, key=lambda r: (r.multitask, ops.index(r.op) if r.op in ops else len(ops), r.seed)):
         last = r.last_step("post_grok")
         same = r.scans.get("post_grok") is r.scans.get("stop_rule")
         rows.append([" + ".join(r.ops), str(r.seed), ", ".join(fixed(g, 0) if g is not None else "—" for g in r.grok_step.values()),
