@@ -22,7 +22,32 @@ from torch import Tensor
 from sed_lens.errors import SedLensError, check
 
 
-class StreamFile(Sequence[Tensor]):
+class _Entries(Sequence[Tensor]):
+    """Entries ``positions`` of a :class:`StreamFile`, read on access; slicing gives another view (no read)."""
+
+    def __init__(self, stream: StreamFile, positions: range) -> None:
+        self._stream, self._positions = stream, positions
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    @overload
+    def __getitem__(self, i: int) -> Tensor: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Tensor]: ...
+
+    def __getitem__(self, i: int | slice) -> Tensor | Sequence[Tensor]:
+        if isinstance(i, slice):
+            return _Entries(self._stream, self._positions[i])
+        try:
+            position = self._positions[i]
+        except IndexError:
+            raise IndexError(f"stream entry {i} is out of range (the view has {len(self)}).") from None
+        return self._stream.read(position)
+
+
+class StreamFile(_Entries):
     """A sequence of equal-length flat vectors stored in ``path`` (created, or emptied if it exists).
 
     :meth:`append` adds an entry; ``stream[i]`` reads entry ``i`` back as a new tensor on the device and with the
@@ -31,10 +56,10 @@ class StreamFile(Sequence[Tensor]):
     """
 
     def __init__(self, path: str | Path) -> None:
+        super().__init__(self, range(0))
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._n = 0
         self._dim: int | None = None
         self._dtype = torch.float32
         self._device = torch.device("cpu")
@@ -49,31 +74,16 @@ class StreamFile(Sequence[Tensor]):
         check(vector.shape[0] == self._dim and vector.dtype == self._dtype,
               f"stream entries must all be [{self._dim}] {self._dtype}, got [{vector.shape[0]}] {vector.dtype}.")
         data = vector.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-        os.pwrite(self._open_fd(), data, self._n * len(data))
-        self._n += 1
+        os.pwrite(self._open_fd(), data, len(self._positions) * len(data))
+        self._positions = range(len(self._positions) + 1)
 
     # --- reading ---------------------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self._n
-
-    @overload
-    def __getitem__(self, i: int) -> Tensor: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[Tensor]: ...
-
-    def __getitem__(self, i: int | slice) -> Tensor | Sequence[Tensor]:
-        if isinstance(i, slice):
-            return _Entries(self, range(self._n)[i])
-        if i < 0:
-            i += self._n
-        if not 0 <= i < self._n:
-            raise IndexError(f"stream entry {i} is out of range (the stream has {self._n}).")
+    def read(self, i: int) -> Tensor:
+        """Entry ``i`` (0 ≤ i < len) as a new tensor."""
         assert self._dim is not None
         nbytes = self._dim * self._dtype.itemsize
         buf = bytearray(nbytes)
-        got = os.preadv(self._open_fd(), [buf], i * nbytes)
-        if got != nbytes:
+        if os.preadv(self._open_fd(), [buf], i * nbytes) != nbytes:
             raise SedLensError(f"stream file {self.path} is truncated: entry {i} is incomplete.")
         return torch.frombuffer(buf, dtype=self._dtype).to(self._device)
 
@@ -99,24 +109,3 @@ class StreamFile(Sequence[Tensor]):
             self.close()
         except Exception:  # noqa: BLE001, S110 - interpreter shutdown: the OS closes the descriptor anyway
             pass
-
-
-class _Entries(Sequence[Tensor]):
-    """Entries ``positions`` of a :class:`StreamFile`, read on access."""
-
-    def __init__(self, stream: StreamFile, positions: range) -> None:
-        self.stream, self.positions = stream, positions
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    @overload
-    def __getitem__(self, i: int) -> Tensor: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[Tensor]: ...
-
-    def __getitem__(self, i: int | slice) -> Tensor | Sequence[Tensor]:
-        if isinstance(i, slice):
-            return _Entries(self.stream, self.positions[i])
-        return self.stream[self.positions[i]]
