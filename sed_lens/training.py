@@ -54,7 +54,8 @@ class Callback:
     Order within a step: ``on_before_step`` (gradients final after clipping; may edit ``.grad``) → optimizer
     step → ``on_after_step`` (parameters hold the applied update) → ``on_eval`` on eval steps (``metrics`` may
     be extended in place). ``on_train_start`` runs before the step-0 eval, ``on_train_end`` after the last step.
-    ``state_dict``/``load_state_dict`` make a callback resumable from a checkpoint.
+    ``state_dict``/``load_state_dict`` make a callback resumable from a checkpoint; ``final_state_dict`` is what
+    the checkpoint of a run that will not be continued keeps (``Trainer.fit(final=True)``).
     """
 
     def on_train_start(self, trainer: Trainer) -> None: ...
@@ -64,6 +65,13 @@ class Callback:
     def on_train_end(self, trainer: Trainer) -> None: ...
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+    def final_state_dict(self) -> dict[str, Any]:
+        """The state kept at the end of a run that will not be continued (:meth:`Trainer.fit` with ``final``): by
+        default all of :meth:`state_dict`. A callback may leave out what only continuing training needs (a large
+        window); its :meth:`load_state_dict` must then take that state back and refuse, with one clear
+        :class:`SedLensError`, to train on from it."""
+        return self.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -219,20 +227,25 @@ class Trainer:
         self.timings: dict[str, float] = {"eval": 0.0, "checkpoint": 0.0}
 
     # --- the loop ----------------------------------------------------------------------------------------
-    def fit(self, resume_from: str | Path | None = None) -> TrainResult:
-        """Train to the stop rule; ``resume_from`` continues from a checkpoint written by :meth:`save_checkpoint`."""
+    def fit(self, resume_from: str | Path | None = None, final: bool = False) -> TrainResult:
+        """Train to the stop rule; ``resume_from`` continues from a checkpoint written by :meth:`save_checkpoint`.
+
+        ``final``: the run will not be continued once it has finished (a grid cell that is done for good), so the
+        checkpoint written at its end keeps each callback's :meth:`Callback.final_state_dict` instead of its full
+        state (the model, optimizer and step stay). The checkpoints written while training, or when it is
+        interrupted, are complete either way."""
         if not self.config.deterministic:
-            return self._fit(resume_from)
+            return self._fit(resume_from, final)
         # Two CPU threads accumulate some gradients (e.g. the embedding's) in a varying order; the deterministic
         # kernels cost nothing measurable here and make reruns bit-identical.
         before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
         torch.use_deterministic_algorithms(True, warn_only=True)
         try:
-            return self._fit(resume_from)
+            return self._fit(resume_from, final)
         finally:
             torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
-    def _fit(self, resume_from: str | Path | None) -> TrainResult:
+    def _fit(self, resume_from: str | Path | None, final: bool) -> TrainResult:
         cfg = self.config
         t_start = time.perf_counter()
         if resume_from is not None:
@@ -270,7 +283,7 @@ class Trainer:
         result = self.result()
         if self.run is not None:
             if cfg.checkpoint_every:
-                self.save_checkpoint(self.checkpoint_path)
+                self.save_checkpoint(self.checkpoint_path, final=final)
             self.run.summary(result.summary())
         return result
 
@@ -343,8 +356,9 @@ class Trainer:
         assert self.run is not None
         return self.run.dir / "checkpoints" / "last.pt"
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue training bit-identically."""
+    def state_dict(self, final: bool = False) -> dict[str, Any]:
+        """Everything needed to continue training bit-identically; ``final``: of a finished run that will not be
+        continued (the callbacks' :meth:`Callback.final_state_dict`, and ``"final": True``)."""
         return {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
@@ -357,15 +371,16 @@ class Trainer:
                         "patience": self.patience, "stopped_early": self.stopped_early,
                         "stop_step": self.stop_step, "cross_step": self.cross_step,
                         "wall_time": self.wall_time, "history": self.history, "timings": dict(self.timings)},
-            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "callbacks": [cb.final_state_dict() if final else cb.state_dict() for cb in self.callbacks],
             "config": self.config.to_dict(),
+            **({"final": True} if final else {}),
         }
 
-    def save_checkpoint(self, path: str | Path) -> Path:
-        """Write :meth:`state_dict` atomically (temporary file + rename) to ``path``."""
+    def save_checkpoint(self, path: str | Path, final: bool = False) -> Path:
+        """Write :meth:`state_dict` (``final``: that of a finished run) atomically (temporary file + rename) to ``path``."""
         t0 = time.perf_counter()
         buf = io.BytesIO()
-        torch.save(plain(self.state_dict()), buf)
+        torch.save(plain(self.state_dict(final)), buf)
         try:
             atomic_write_bytes(Path(path), buf.getvalue())
         except OSError as e:

@@ -185,3 +185,49 @@ def test_an_interrupted_intervention_cell_resumes_from_its_checkpoint_with_the_s
     (tmp_path / "cut" / "cell.json").unlink(missing_ok=True)
     (tmp_path / "cut" / "config.json").write_text('{"experiment": "grok')
     assert numbers(execute_cell(c, str(tmp_path / "cut"))) == numbers(whole)
+
+
+def test_a_finished_intervention_cell_keeps_its_checkpoint_without_the_window(tmp_path, monkeypatch):
+    from sed_lens import serialization
+    from sed_lens.grid import Cell, execute_cell
+    from sed_lens.hooks.interventions import SubspaceProjection
+
+    grok = {"ops": ["add"], "p": 11, "seed": 5, "wandb_mode": "disabled", "train_frac": 0.8, "init": "tl", "sed": [],
+            "train": {"steps": 24, "batch_size": 64, "eval_every": 4, "checkpoint_every": 8, "grok_acc": 0.99,
+                      "lr": 3e-3, "weight_decay": 0.1}}
+    config = {"condition": "C", "grokking": grok,
+              "projection": {"k": 2, "mode": "keep", "basis": "sed", "apply_to": "gradient", "window": 6,
+                             "warmup": 4, "seed": 5}}
+    c = Cell("C-keep-sed-s5", "sed_lens.experiments.intervention:grid_cell", config)
+
+    def numbers(s):
+        return {k: v for k, v in s.items() if k not in ("wall_time_s", "timings")}
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict | list | tuple):
+            for v in obj.values() if isinstance(obj, dict) else obj:
+                yield from tensors(v)
+
+    with monkeypatch.context() as m:  # a finished cell's checkpoint as it was: the projection's whole state
+        m.setattr(SubspaceProjection, "final_state_dict", SubspaceProjection.state_dict)
+        full = execute_cell(c, str(tmp_path / "full"))
+    slim = execute_cell(c, str(tmp_path / "slim"))
+    assert numbers(slim) == numbers(full)
+    full_ckpt, slim_ckpt = (tmp_path / d / "checkpoints" / "last.pt" for d in ("full", "slim"))
+    before, after = serialization.load(full_ckpt), serialization.load(slim_ckpt)
+    assert before["callbacks"][0]["window"]["x"].shape[0] == 6 and after["callbacks"][0]["window"] is None
+    assert after["final"] is True  # a finished run's checkpoint says so
+    # Only the callback state differs: the model (what analyses read) and step are those of the full checkpoint.
+    assert after["step"] == before["step"] == slim["steps"] and after["config"] == before["config"]
+    assert all(torch.equal(v, before["model"][k]) for k, v in after["model"].items())
+    assert [t.dtype for t in tensors(after["callbacks"])] == [torch.uint8]  # the random generator's state only
+    window_bytes = sum(t.numel() * t.element_size() for t in tensors(before["callbacks"][0]["window"]))
+    assert full_ckpt.stat().st_size - slim_ckpt.stat().st_size >= window_bytes
+    # Killed after its last checkpoint but before the grid marked it done: met again, it finishes the same way
+    # (no step to train, so the missing window is not needed).
+    (tmp_path / "slim" / "cell.json").unlink()
+    assert numbers(execute_cell(c, str(tmp_path / "slim"))) == numbers(full)
+    assert len(json.loads((tmp_path / "slim" / "run.json").read_text())["resumes"]) == 1
+    assert serialization.load(slim_ckpt)["callbacks"][0]["window"] is None

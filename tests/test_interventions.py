@@ -308,6 +308,40 @@ def test_resume_from_a_checkpoint_is_bit_identical(odd_model, tiny_task, tmp_pat
         other.load_state_dict(resumed.state_dict())
 
 
+@pytest.mark.parametrize(("basis", "apply_to"), [("sed", "gradient"), ("random", "update")])
+def test_a_final_checkpoint_keeps_no_window_and_refuses_to_continue(odd_model, tiny_task, tmp_path, basis, apply_to):
+    from sed_lens import serialization
+
+    def proj():
+        return SubspaceProjection(k=2, mode="keep", basis=basis, apply_to=apply_to, window=3, seed=4)
+
+    done = proj()
+    with Run(tmp_path / "a", {}, wandb_mode="disabled") as run:
+        first = Trainer(copy.deepcopy(odd_model), tiny_task, quick_config(8, checkpoint_every=4), [done], run=run,
+                        progress=False).fit(final=True)
+        ckpt = run.dir / "checkpoints" / "last.pt"
+    state = serialization.load(ckpt)
+    assert state["final"] is True and state["step"] == 8 and state["callbacks"][0]["window"] is None
+    assert state["callbacks"][0]["steps"] == 8 and "model" in state and "optimizer" in state
+    # Reading it back without training (what a finished grid cell met again does) works and changes nothing.
+    again = proj()
+    with Run(tmp_path / "a", {}, wandb_mode="disabled", resume=True) as run:
+        res = Trainer(copy.deepcopy(odd_model), tiny_task, quick_config(8, checkpoint_every=4), [again], run=run,
+                      progress=False).fit(resume_from=ckpt, final=True)
+    assert nan_to_none(res.history) == nan_to_none(first.history) and again.describe() == done.describe()
+    assert serialization.load(ckpt)["callbacks"][0]["window"] is None
+    # Training on from it is one clear error, before any optimizer step; the checkpoint stays as it was.
+    saved = ckpt.read_bytes()
+    with Run(tmp_path / "a", {}, wandb_mode="disabled", resume=True) as run:
+        longer = Trainer(copy.deepcopy(odd_model), tiny_task, quick_config(16, checkpoint_every=4), [proj()], run=run,
+                         progress=False)
+        with pytest.raises(SedLensError, match="checkpoint of a finished run, which keeps no SED window") as err:
+            longer.fit(resume_from=ckpt)
+    assert "Delete the run directory and train the run again" in str(err.value) and longer.step == 9
+    assert all(torch.equal(v, state["model"][k]) for k, v in longer.model.state_dict().items())  # no step taken
+    assert ckpt.read_bytes() == saved
+
+
 def test_project_works_on_a_bare_vector_stream():
     proj = SubspaceProjection(k=1, mode="remove", basis="sed", window=2)
     e1, e2 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])

@@ -172,10 +172,12 @@ def prepare_resume(run_dir: str | Path, config: Mapping[str, Any]) -> bool:
 
 
 def train(cfg: GrokkingConfig, tracker: Run | None, callbacks: Sequence[Callback] = (),
-          resume: bool = False) -> tuple[TrainResult, ModularArithmetic, Any]:
+          resume: bool = False, final: bool = False) -> tuple[TrainResult, ModularArithmetic, Any]:
     """Build and train ``cfg``'s model, logging to ``tracker``; returns the result, the task and the model.
 
-    ``resume``: continue from the tracker's last checkpoint (from the start if it has none yet)."""
+    ``resume``: continue from the tracker's last checkpoint (from the start if it has none yet). ``final``: the
+    finished run will not be continued, so its last checkpoint keeps only what reading it back needs
+    (:meth:`sed_lens.training.Trainer.fit`)."""
     from sed_lens.models import model_spec
     from sed_lens.training import Trainer
 
@@ -190,7 +192,7 @@ def train(cfg: GrokkingConfig, tracker: Run | None, callbacks: Sequence[Callback
         resume_from = trainer.checkpoint_path if trainer.checkpoint_path.is_file() else None
         if resume_from is None:
             tracker.truncate_metrics(-1)  # killed before its first checkpoint: start over
-    result = trainer.fit(resume_from=resume_from)
+    result = trainer.fit(resume_from=resume_from, final=final)
     return result, task, model
 
 
@@ -207,11 +209,12 @@ def resume_command(run_dir: str | Path) -> str:
 
 
 def run(cfg: GrokkingConfig, callbacks: Sequence[Callback] = (), resume: bool = False,
-        announce: bool = False) -> tuple[TrainResult, Run]:
+        announce: bool = False, final: bool = False) -> tuple[TrainResult, Run]:
     """Train ``cfg`` in a new run directory (or continue it, ``resume``); returns the result and the finished run.
 
-    ``announce``: print the run directory and the W&B run (one line on stdout) when it starts. Training stopped
-    by SIGINT or SIGTERM raises :class:`sed_lens.training.TrainingInterrupted` carrying the command that resumes it."""
+    ``announce``: print the run directory and the W&B run (one line on stdout) when it starts. ``final``: the
+    finished run will not be continued (:func:`train`). Training stopped by SIGINT or SIGTERM raises
+    :class:`sed_lens.training.TrainingInterrupted` carrying the command that resumes it."""
     from sed_lens.tasks import ModularArithmetic
     from sed_lens.training import TrainingInterrupted
 
@@ -225,7 +228,7 @@ def run(cfg: GrokkingConfig, callbacks: Sequence[Callback] = (), resume: bool = 
             print(f"grokking {cfg.name}: {'resuming' if resume else 'run directory'} {tracker.dir}; "
                   f"{tracker.describe_wandb()}", flush=True)
         try:
-            result, _, _ = train(cfg, tracker, callbacks, resume=resume)
+            result, _, _ = train(cfg, tracker, callbacks, resume=resume, final=final)
         except TrainingInterrupted as e:
             e.resume_hint = resume_command(tracker.dir)
             raise

@@ -133,6 +133,7 @@ class SubspaceProjection(Callback):
         if subspace is not None:
             self._set_subspace(subspace)
         self.window_sed = RollingSED(window, k)
+        self._window_dropped = False  # loaded from a finished run's checkpoint, which keeps no window
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
         self.last_basis: Tensor | None = None
@@ -203,6 +204,7 @@ class SubspaceProjection(Callback):
         if not isinstance(vec, Tensor) or vec.ndim != 1:
             got = tuple(vec.shape) if isinstance(vec, Tensor) else type(vec).__name__
             raise SedLensError(f"project expects a flat [P] vector, got {got}.")
+        self._require_window()
         if self.subspace is not None:
             check(vec.shape[0] == self.subspace.dim,
                   f"project expects vectors of the subspace's dimension {self.subspace.dim}, got {vec.shape[0]}.")
@@ -226,6 +228,7 @@ class SubspaceProjection(Callback):
     @torch.no_grad()
     def before_step(self) -> None:
         """Right before the optimizer step: project the gradient (``"gradient"``) or remember the weights (``"update"``)."""
+        self._require_window()  # before the optimizer step, also for the update method
         s = self._require_subspace()
         if self.apply_to == "gradient":
             g = s.grads()
@@ -248,6 +251,14 @@ class SubspaceProjection(Callback):
         if out is not delta:
             s.set_weights(self._theta_before + out)
         self._theta_before = None
+
+    def _require_window(self) -> None:
+        if self._window_dropped:
+            raise SedLensError(
+                "this projection was loaded from the checkpoint of a finished run, which keeps no SED window (it is "
+                "dropped when the run completes, to save disk), so it cannot continue training: its SED basis and "
+                "logged σ would be wrong. Delete the run directory and train the run again (an intervention "
+                "grid retrains a cell whose directory is gone).")
 
     def _require_subspace(self) -> ParamSubspace:
         check(self.subspace is not None, "the projection is not bound to a model: use attach(model, optimizer), "
@@ -333,16 +344,26 @@ class SubspaceProjection(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"settings": {k: v for k, v in self.describe().items() if k in ("mode", "k", "basis", "apply_to",
                                                                              "window", "warmup", "seed")},
-                "steps": self.steps, "window": self.window_sed.state_dict(), "generator": self.generator.get_state(),
-                "stats": self._stats.as_tuple(), "total": self._total.as_tuple()}
+                "steps": self.steps, "window": None if self._window_dropped else self.window_sed.state_dict(),
+                "generator": self.generator.get_state(), "stats": self._stats.as_tuple(),
+                "total": self._total.as_tuple()}
+
+    def final_state_dict(self) -> dict[str, Any]:
+        """The state without the SED window (``"window": None``; W×P floats, ≈ 10 MB of the paper's 14 MB
+        checkpoint), which only continuing training reads: settings, step count, generator and statistics stay."""
+        return {**self.state_dict(), "window": None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, or :meth:`final_state_dict` (then any further step raises
+        :class:`SedLensError`)."""
         mine = {k: v for k, v in self.describe().items() if k in state["settings"]}
         check(mine == state["settings"], f"the saved projection state has settings {state['settings']}, "
               f"which differ from this projection's {mine}.")
-        window = {k: v.clone() if isinstance(v, Tensor) else v for k, v in state["window"].items()}
         self.window_sed = RollingSED(self.window, self.k)
-        self.window_sed.load_state_dict(window)
+        self._window_dropped = state["window"] is None
+        if not self._window_dropped:
+            self.window_sed.load_state_dict({k: v.clone() if isinstance(v, Tensor) else v
+                                             for k, v in state["window"].items()})
         self.generator.set_state(state["generator"])
         self.steps = int(state["steps"])
         self._stats, self._total = _Stats(*state["stats"]), _Stats(*state["total"])
