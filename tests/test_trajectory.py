@@ -552,7 +552,7 @@ def test_streams_on_disk_give_the_same_scan_and_are_deleted_with_their_seed(mult
     model = build_model("xu2026", task, seed=0)
     idx = snapshot_indices(len(store), PER_OP_CFG["n_snapshots"])
     engine = TrajectoryScan(model, task, store, ScanConfig(**PER_OP_CFG, per_op_inputs=True), progress=False,
-                            streams_dir=tmp_path / "streams")
+                            streams=tmp_path / "streams")
     out = engine.run(len(store), idx)
     assert out["snapshots"] == with_variant["snapshots"]
     files = {p.name for p in (tmp_path / "streams").iterdir()}
@@ -560,3 +560,75 @@ def test_streams_on_disk_give_the_same_scan_and_are_deleted_with_their_seed(mult
     engine.drop_streams(0)
     assert {p.name for p in (tmp_path / "streams").iterdir()} == {"seed0-update.bin"}  # shared by every seed
     assert engine.run(len(store), idx)["snapshots"] == with_variant["snapshots"]  # recomputed, same numbers
+
+
+def test_live_streams_give_the_same_multitask_scan_and_store_nothing(multitask_run, tmp_path):
+    task, store, _, with_variant, _, _ = multitask_run
+    model = build_model("xu2026", task, seed=0)
+    idx = snapshot_indices(len(store), PER_OP_CFG["n_snapshots"])
+    engine = TrajectoryScan(model, task, store, ScanConfig(**PER_OP_CFG, per_op_inputs=True), progress=False,
+                            streams="live")
+    out = engine.run(len(store), idx, artifacts=tmp_path / "art")
+    assert out["snapshots"] == with_variant["snapshots"]
+    assert engine._streams == {} and engine._per_op_streams == {}  # nothing kept between runs
+    assert engine.timings["streams"] > 0 and engine.timings["bases"] > 0
+    assert set(engine.stream_names()) == {"update", "gradient", "task_gradient/add", "task_gradient/mul",
+                                          "per_op/add", "per_op/mul"}
+
+
+def test_live_streams_give_the_same_bases_and_numbers_with_ablations_and_two_run_lengths(run):
+    """Windows longer than the spacing of the measured snapshots (leading and trailing, k = 1 ablations), a shorter
+    and a longer run of one trajectory, a second analysis seed: every number and every basis as in memory."""
+    task, model, store = run
+    cfg = ScanConfig(window=3, k=2, n_probes=16, n_random=3, analysis_seeds=2, fd_compare=True,
+                     ablation_windows=(1, 5), ablation_eps=(0.01,))
+    short_idx = snapshot_indices(6, 3)
+    long_idx = extended_indices(short_idx, len(store))
+    results = {}
+    for mode in ("memory", "live"):
+        engine = TrajectoryScan(model, task, store, cfg, progress=False, streams=mode)
+        every, headline = {}, {}
+        outs = [engine.run(6, short_idx, bases_out=every), engine.run(len(store), long_idx, bases_out=headline,
+                                                                      bases_at="headline"),
+                engine.run(len(store), long_idx, analysis_seed=1)]
+        results[mode] = (outs, every, headline)
+    (mem, mem_every, mem_head), (live, live_every, live_head) = results["memory"], results["live"]
+    assert [o["snapshots"] for o in live] == [o["snapshots"] for o in mem]
+    assert [o["summary"] for o in live] == [o["summary"] for o in mem]
+    assert "gradient/trailing/W=5" in mem_every and set(live_every) == set(mem_every)
+    assert all(torch.equal(live_every[k][s], d) for k, by in mem_every.items() for s, d in by.items())
+    assert {k: set(v) for k, v in live_head.items()} == {k: set(v) for k, v in mem_head.items()}
+    assert all(torch.equal(live_head[k][s], d) for k, by in mem_head.items() for s, d in by.items())
+
+
+@pytest.mark.parametrize("streams, match", [("", "streams must be 'memory', 'live' or a directory"),
+                                            (3, "streams must be 'memory', 'live' or a directory")])
+def test_a_bad_streams_mode_is_one_clear_error(run, streams, match):
+    task, model, store = run
+    with pytest.raises(SedLensError, match=match):
+        TrajectoryScan(model, task, store, ScanConfig(), progress=False, streams=streams)
+
+
+def test_a_peaks_only_scan_never_holds_more_than_its_running_peaks_and_latest_artifact(run, tmp_path, monkeypatch):
+    from sed_lens.analysis import trajectory
+    from sed_lens.analysis.trajectory import headline_steps
+
+    task, model, store = run
+    cfg = ScanConfig(n_snapshots=6, window=3, k=2, n_probes=16, n_random=3)
+    on_disk, save = [], trajectory.save_artifact
+
+    def watching(directory, *args, **kwargs):  # what the scan kept before writing each snapshot's artifact
+        on_disk.append({int(p.stem.split("_")[1]) for p in directory.glob("snapshot_*.pt")})
+        return save(directory, *args, **kwargs)
+
+    monkeypatch.setattr(trajectory, "save_artifact", watching)
+    out = scan_coupling(model, task, store, cfg, artifacts=tmp_path / "a", progress=False, artifacts_at="peaks")
+    rows = out["snapshots"]
+    for i in range(1, len(rows)):
+        assert on_disk[i] == headline_steps(summarize(rows[:i], task.ops)), i
+    kept = {int(p.stem.split("_")[1]) for p in (tmp_path / "a").glob("snapshot_*.pt")}
+    assert kept == headline_steps(out["summary"]) and len(kept) < len(rows)
+    every = scan_coupling(model, task, store, cfg, artifacts=tmp_path / "b", progress=False)
+    assert every["snapshots"] == rows and len(list((tmp_path / "b").glob("*.pt"))) == len(rows)
+    with pytest.raises(SedLensError, match="artifacts_at must be 'measured' or 'peaks'"):
+        scan_coupling(model, task, store, cfg, artifacts=tmp_path / "c", progress=False, artifacts_at="peak")

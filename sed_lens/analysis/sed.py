@@ -273,13 +273,40 @@ def iter_sed_over_sequence(vectors: Sequence[Tensor] | Tensor, indices: Iterable
     never decreases with its index, for either alignment), each yielded as soon as the pass reaches the end of its
     window: a caller that consumes them as they come holds one basis at a time instead of all of them."""
     n = len(vectors)
-    idx = sorted(set(int(i) for i in indices))
-    wanted: dict[int, list[int]] = {}
-    for t in idx:
-        _, stop = window_bounds(t, n, window, align)
-        wanted.setdefault(stop, []).append(t)
-    sed = RollingSED(window, k, rtol, dtype=vectors[0].dtype if n else torch.float32)
-    for i in range(max(wanted) if wanted else 0):
-        sed.push(vectors[i])
-        for t in wanted.get(i + 1, []):
-            yield t, sed.basis()
+    sed_pass = SEDPass(n, indices, window, k, align, rtol)
+    for i in range(sed_pass.needed):
+        yield from sed_pass.push(vectors[i])
+
+
+class SEDPass:
+    """The windows of one sequence of ``n`` vectors at ``indices`` (either alignment, as :func:`window_bounds`),
+    computed as the vectors arrive one at a time: :meth:`push` takes the next vector and returns the ``(index,
+    basis)`` pairs whose window it completes. Push-driven, so one producer can feed every pass that reads the same
+    sequence as it computes each vector, without the sequence ever being stored (``needed``: how many vectors the
+    pass reads; pushes past that are ignored)."""
+
+    def __init__(self, n: int, indices: Iterable[int], window: int = 20, k: int = 3, align: str = "trailing",
+                 rtol: float | None = None, dtype: torch.dtype | None = None) -> None:
+        self.wanted: dict[int, list[int]] = {}
+        for t in sorted(set(int(i) for i in indices)):
+            _, stop = window_bounds(t, n, window, align)
+            self.wanted.setdefault(stop, []).append(t)
+        self.needed = max(self.wanted) if self.wanted else 0
+        self.pushed = 0
+        self.window, self.k, self.rtol, self.dtype = window, k, rtol, dtype  # dtype None: the first vector's
+        self._sed: RollingSED | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.pushed >= self.needed
+
+    def push(self, vec: Float[Tensor, " P"]) -> list[tuple[int, SEDBasis]]:
+        """Take the next vector; the ``(index, basis)`` pairs whose window ends with it."""
+        if self.done:
+            return []
+        if self._sed is None:
+            self._sed = RollingSED(self.window, self.k, self.rtol, dtype=self.dtype or vec.dtype)
+        sed = self._sed
+        sed.push(vec)
+        self.pushed += 1
+        return [(t, sed.basis()) for t in self.wanted.get(self.pushed, [])]

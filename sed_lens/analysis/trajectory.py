@@ -49,9 +49,10 @@ from transformer_lens import HookedTransformer
 
 from sed_lens.analysis.coupling import centroid_response, perturbation_scale, ratios
 from sed_lens.analysis.scan_key import PER_OP, RANDOM, ScanKey, parse_keys
-from sed_lens.analysis.sed import SEDBasis, iter_sed_over_sequence, window_bounds
+from sed_lens.analysis.sed import SEDBasis
 from sed_lens.analysis.stream_file import StreamFile
-from sed_lens.analysis.streams import capture_offline, gradient_batch, task_gradients
+from sed_lens.analysis.streams import gradient_batch, stream_vectors, task_gradients
+from sed_lens.analysis.trajectory_bases import BasesFeed, KeyBases
 from sed_lens.configs import ScanConfig
 from sed_lens.errors import SedLensError, check
 from sed_lens.models import model_spec
@@ -144,19 +145,20 @@ def stream_entry_index(stream: str, snapshot: int, align: str) -> int | None:
 def scan_coupling(model: HookedTransformer, task: Task, snapshots: Iterable[tuple[int, dict[str, Tensor]]],
                   cfg: ScanConfig | None = None, subspace: ParamSubspace | None = None,
                   artifacts: str | Path | None = None, progress: bool = True,
-                  bases_out: dict[str, dict[int, Tensor]] | None = None) -> dict[str, Any]:
+                  bases_out: dict[str, dict[int, Tensor]] | None = None, artifacts_at: str = "measured") -> dict[str, Any]:
     """Measure SED–LCH coupling along a run (see the module docstring); returns a JSON-able dict, whose per-op
     results and summaries are keyed by what was measured as JSON writes it, ``str(ScanKey)`` (read them typed with
     :func:`~sed_lens.analysis.scan_key.parse_keys`).
 
     ``snapshots``: ``(step, state_dict)`` pairs in training order (e.g. a :class:`~sed_lens.hooks.snapshots.SnapshotStore`).
-    ``artifacts``: a directory for one ``snapshot_XXXXXX.pt`` per measured snapshot (format in docs/coupling.md).
+    ``artifacts``: a directory for one ``snapshot_XXXXXX.pt`` per measured snapshot (format in docs/coupling.md);
+    ``artifacts_at="peaks"`` keeps only those the reported values come from (see :meth:`TrajectoryScan.run`).
     ``bases_out``: a dict to fill with the measured SED directions, ``{key: {step: [k, P] float32}}`` (see
     :func:`save_bases`).
     """
     scan = TrajectoryScan(model, task, snapshots, cfg, subspace, progress)
     return scan.run(len(scan.snaps), snapshot_indices(len(scan.snaps), scan.cfg.n_snapshots), analysis_seed=0,
-                    artifacts=artifacts, bases_out=bases_out)
+                    artifacts=artifacts, bases_out=bases_out, artifacts_at=artifacts_at)
 
 
 def extended_indices(measured: Sequence[int], n_total: int) -> list[int]:
@@ -167,47 +169,6 @@ def extended_indices(measured: Sequence[int], n_total: int) -> list[int]:
     gap = (measured[-1] - measured[0]) / (len(measured) - 1)
     extra = [int(round(measured[-1] + gap * i)) for i in range(1, int((n_total - 1 - measured[-1]) / gap) + 1)]
     return sorted(set(measured) | {i for i in extra if i < n_total} | {n_total - 1})
-
-
-@dataclass
-class KeyBases:
-    """The SED bases of one scan key at the measured snapshots of a run: ``vectors`` (the stream's entries of the
-    run), ``anchors`` (measured snapshot → entry index of its window's anchor), ``window``, ``k``, ``align``; and
-    what names its windows in the response cache, ``name`` and ``extra`` (:meth:`ident`).
-
-    :meth:`stream` computes them in one pass as a scan reaches each snapshot (:func:`iter_sed_over_sequence`), so a
-    scan holds one snapshot's bases at a time; :meth:`at` recomputes those of chosen snapshots."""
-
-    vectors: Sequence[Tensor]
-    anchors: dict[int, int]
-    window: int
-    k: int
-    align: str
-    name: str
-    extra: tuple[Any, ...] = ()
-
-    def ident(self, t: int) -> tuple[Any, ...]:
-        """The identity of the window at snapshot ``t``: stream name, window bounds, k (and ``extra``)."""
-        return (self.name, *window_bounds(self.anchors[t], len(self.vectors), self.window, self.align), self.k,
-                *self.extra)
-
-    def stream(self, snapshots: Iterable[int] | None = None) -> Iterator[tuple[int, SEDBasis]]:
-        """``(snapshot, basis)`` for every anchored snapshot (of ``snapshots`` only, if given) in increasing order,
-        from one streaming pass."""
-        keep = None if snapshots is None else set(snapshots)
-        snapshot_of = {a: t for t, a in self.anchors.items() if keep is None or t in keep}
-        for a, basis in iter_sed_over_sequence(self.vectors, snapshot_of, self.window, self.k, self.align):
-            yield snapshot_of[a], basis
-
-    def next_at(self, stream: Iterator[tuple[int, SEDBasis]], t: int) -> SEDBasis:
-        """The next basis of ``stream`` (from :meth:`stream`), which must be snapshot ``t``'s."""
-        got, basis = next(stream)
-        check(got == t, f"SED bases consumed out of order: expected snapshot {t}, got {got}.")
-        return basis
-
-    def at(self, snapshots: Iterable[int]) -> dict[int, SEDBasis]:
-        """The bases at ``snapshots`` (those anchored), recomputed in one pass."""
-        return dict(self.stream(snapshots))
 
 
 class Snapshots:
@@ -254,14 +215,24 @@ class TrajectoryScan:
     every measured snapshot that measured something new, so a scan killed part-way continues where it stopped
     and gives the same numbers as an uninterrupted one.
 
-    ``streams_dir``: keep the stream vectors in files there (:class:`~sed_lens.analysis.stream_file.StreamFile`)
-    instead of in memory — the same numbers, a fraction of the resident memory of a long scan (one file per
-    stream and analysis seed, deleted by :meth:`drop_streams`; what a caller leaves there is its to remove).
+    ``streams``: where the stream vectors (the entries SED windows are built from, :meth:`stream_names`) live —
+    the same numbers in every mode:
+
+    * ``"memory"`` (default): computed once per analysis seed and kept in memory (the update stream once for every
+      seed), so a scan of several run lengths computes them once; ≈0.5 MB per entry of the paper's model, so a long
+      multitask scan holds gigabytes;
+    * a directory (``str`` or ``Path``): the same, kept in files there
+      (:class:`~sed_lens.analysis.stream_file.StreamFile`: one per stream and analysis seed, deleted by
+      :meth:`drop_streams`; what a caller leaves there is its to remove) — little memory, the disk instead;
+    * ``"live"``: never stored. Each :meth:`run` walks the snapshots once, computing each entry as the windows reach
+      it and pushing it into every key's window (:class:`~sed_lens.analysis.trajectory_bases.BasesFeed`): neither
+      memory nor disk beyond the windows themselves, at the price of computing the entries again for every run
+      (``python -m benchmarks.scan_memory`` measures all three).
     """
 
     def __init__(self, model: HookedTransformer, task: Task, snapshots: Iterable[tuple[int, dict[str, Tensor]]],
                  cfg: ScanConfig | None = None, subspace: ParamSubspace | None = None, progress: bool = True,
-                 responses: str | Path | None = None, streams_dir: str | Path | None = None) -> None:
+                 responses: str | Path | None = None, streams: str | Path = "memory") -> None:
         self.cfg = cfg or ScanConfig()
         self.cfg.validate()
         self.model, self.task, self.progress = model, task, progress
@@ -274,7 +245,10 @@ class TrajectoryScan:
         self.per_op = self.cfg.per_op_inputs and task.multitask  # also measure the per-op variant
         check(not self.per_op or isinstance(task, ModularArithmetic),
               "per-op inputs (per_op_inputs) are defined for modular-arithmetic tasks only.")
-        self.streams_dir = Path(streams_dir) if streams_dir is not None else None
+        check(isinstance(streams, (str, Path)) and str(streams) != "",
+              f"streams must be 'memory', 'live' or a directory, got {streams!r}.")
+        self.live = streams == "live"
+        self.streams_dir = None if isinstance(streams, str) and streams in ("memory", "live") else Path(streams)
         self._streams: dict[int, dict[str, Stream]] = {}
         self._update: Stream | None = None  # the update stream: the same for every analysis seed
         self._op_inputs: dict[int, dict[str, OpInputs]] = {}
@@ -345,37 +319,85 @@ class TrajectoryScan:
         self._unsaved = False
 
     # --- inputs --------------------------------------------------------------------------------------------
+    def stream_names(self, seed_streams: bool = True) -> tuple[str, ...]:
+        """The streams a scan of this configuration reads: ``update``; ``gradient`` (also when only the window or ε
+        ablations need it); ``task_gradient/OP`` of a multitask model; ``per_op/OP`` (the per-op variant's
+        ``task_gradient`` stream of each op on its own batch). ``seed_streams=False``: without the per-op ones."""
+        names: list[str] = []
+        if "update" in self.sources:
+            names.append("update")
+        if "gradient" in self.sources or self.cfg.ablation_windows or self.cfg.ablation_eps:
+            names.append("gradient")
+        if "task_gradient" in self.sources:
+            names += [f"task_gradient/{op}" for op in self.task.ops]
+        if seed_streams and self.per_op and "task_gradient" in self.sources:
+            names += [f"per_op/{op}" for op in self.task.ops]
+        return tuple(names)
+
+    def snapshot_entries(self, seed: int, names: Iterable[str]) -> Iterator[dict[str, Tensor]]:
+        """The entries of the streams ``names`` (:meth:`stream_names`) for analysis seed ``seed``, computed snapshot by
+        snapshot: at snapshot i ``{name: entry}`` — the gradient-type entries at snapshot i (on the seed's fixed
+        batch; ``per_op/OP`` on the op's own batch) and the update entry i − 1, θ_i − θ_{i−1} (none at i = 0). The
+        model is left holding snapshot i's weights. The one computation behind every stream mode."""
+        cfg, names = self.cfg, set(names)
+        sources = tuple(s for s in ("gradient", "task_gradient")
+                        if s in names or any(n.startswith(f"{s}/") for n in names))
+        batch = gradient_batch(self.task, cfg.grad_batch_size, cfg.grad_batch_seed + seed, cfg.grad_batch_split)
+        per_op = [op for op in self.task.ops if f"per_op/{op}" in names]
+        inputs = self.op_inputs(seed) if per_op else {}
+        last: Tensor | None = None
+        for i in range(len(self.snaps)):
+            self._load(i)
+            out: dict[str, Tensor] = {}
+            if "update" in names:
+                w = self.subspace.weights(self.model)
+                if last is not None:
+                    out["update"] = w - last
+                last = w
+            if sources:
+                vecs = stream_vectors(self.model, self.task, self.subspace, batch, sources)
+                out.update({n: v for n, v in vecs.items() if n in names})
+            for op in per_op:
+                tokens, labels = inputs[op].batch
+                out[f"per_op/{op}"] = task_gradients(self.model, self.subspace, tokens, {op: labels[op]})[op]
+            yield out
+
+    def _timed_entries(self, entries: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
+        """``entries`` with the time spent computing them counted as ``streams``."""
+        while True:
+            t0 = time.perf_counter()
+            out = next(entries, None)
+            self._time("streams", t0)
+            if out is None:
+                return
+            yield out
+
     def _new_stream(self, seed: int, name: str) -> Stream:
-        """An empty stream: a list in memory, or a :class:`StreamFile` in ``streams_dir``."""
+        """An empty stream: a list in memory, or a :class:`StreamFile` in the streams directory."""
         if self.streams_dir is None:
             return []
         return StreamFile(self.streams_dir / f"seed{seed}-{name.replace('/', '-')}.bin")
 
+    def _stored(self, seed: int, names: Sequence[str]) -> dict[str, Stream]:
+        """The streams ``names`` over the whole trajectory, stored (in memory or in files)."""
+        out: dict[str, Stream] = {n: self._new_stream(seed, n) for n in names}
+        if names:
+            for vecs in tqdm(self._timed_entries(self.snapshot_entries(seed, names)), total=len(self.snaps),
+                             desc="stream vectors", disable=not self.progress, leave=False):
+                for n, v in vecs.items():
+                    out[n].append(v)
+        return out
+
     def streams(self, seed: int) -> dict[str, Stream]:
-        """Stream entries over the whole trajectory for analysis seed ``seed`` (the update stream is shared)."""
+        """The stored stream entries over the whole trajectory for analysis seed ``seed`` (the update stream is
+        computed once and shared by every seed; :meth:`per_op_streams` has the per-op ones)."""
         if seed not in self._streams:
-            t0 = time.perf_counter()
-            cfg = self.cfg
-            gradient_like = tuple(s for s in self.sources if s != "update")
-            if cfg.ablation_windows or cfg.ablation_eps:
-                gradient_like = tuple(set(gradient_like) | {"gradient"})
-            wanted = gradient_like + (("update",) if "update" in self.sources and self._update is None else ())
-            batch = gradient_batch(self.task, cfg.grad_batch_size, cfg.grad_batch_seed + seed, cfg.grad_batch_split)
-            out: dict[str, Stream] = {}
-            if wanted:
-                it = capture_offline(self.model, self.task, self.subspace, self.snaps, batch, wanted)
-                for _, vecs in tqdm(it, total=len(self.snaps), desc="stream vectors", disable=not self.progress,
-                                    leave=False):
-                    for name, v in vecs.items():
-                        if name not in out:
-                            out[name] = self._new_stream(seed, name)
-                        out[name].append(v)
-            if "update" in self.sources:
+            names = self.stream_names(seed_streams=False)
+            out = self._stored(seed, [n for n in names if n != "update" or self._update is None])
+            if "update" in names:
                 self._update = out["update"] if self._update is None else self._update
                 out["update"] = self._update
-            self._loaded = None
             self._streams[seed] = out
-            self._time("streams", t0)
         return self._streams[seed]
 
     def op_inputs(self, seed: int) -> dict[str, OpInputs]:
@@ -388,24 +410,36 @@ class TrajectoryScan:
         """The per-op variant's ``task_gradient`` stream of every op for analysis seed ``seed``, ``{op: entries}``:
         at each snapshot the gradient (in the subspace) of that op's loss alone on that op's own gradient batch."""
         if seed not in self._per_op_streams:
-            t0 = time.perf_counter()
-            inputs = self.op_inputs(seed)
-            out: dict[str, Stream] = {op: self._new_stream(seed, f"per_op/{op}") for op in self.task.ops}
-            for _, state in tqdm(self.snaps, desc="per-op stream vectors", disable=not self.progress, leave=False):
-                self.model.load_state_dict(state, strict=False)
-                for op, inp in inputs.items():
-                    tokens, labels = inp.batch
-                    out[op].append(task_gradients(self.model, self.subspace, tokens, {op: labels[op]})[op])
-            self._loaded = None
-            self._per_op_streams[seed] = out
-            self._time("streams", t0)
+            stored = self._stored(seed, [f"per_op/{op}" for op in self.task.ops])
+            self._per_op_streams[seed] = {n.split("/", 1)[1]: v for n, v in stored.items()}
         return self._per_op_streams[seed]
+
+    def _entries(self, seed: int, names: set[str]) -> Iterator[dict[str, Tensor]]:
+        """The entries of ``names`` in order, for a :class:`BasesFeed`: computed as they are read (live streams),
+        or read from the stored streams."""
+        if self.live:
+            return self._timed_entries(self.snapshot_entries(seed, names))
+        stored = {n: v for n, v in self.streams(seed).items() if n in names}
+        if any(n.startswith("per_op/") for n in names):
+            stored |= {f"per_op/{op}": v for op, v in self.per_op_streams(seed).items() if f"per_op/{op}" in names}
+        n_max = max((len(v) for v in stored.values()), default=0)
+        return ({n: v[j] for n, v in stored.items() if j < len(v)} for j in range(n_max))
 
     def _time(self, what: str, t0: float) -> None:
         self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - t0
 
+    def _clock(self) -> tuple[float, float]:
+        """Now, and the seconds counted as ``streams`` so far (for :meth:`_time_bases`)."""
+        return time.perf_counter(), self.timings.get("streams", 0.0)
+
+    def _time_bases(self, since: tuple[float, float]) -> None:
+        """Count the time since ``since`` (:meth:`_clock`) as ``bases``, less what went to stream entries meanwhile."""
+        t0, streams0 = since
+        spent = time.perf_counter() - t0 - (self.timings.get("streams", 0.0) - streams0)
+        self.timings["bases"] = self.timings.get("bases", 0.0) + spent
+
     def drop_streams(self, seed: int) -> None:
-        """Free the stream vectors of analysis seed ``seed`` (kept: the update stream, shared by every seed)."""
+        """Free the stored stream vectors of analysis seed ``seed`` (kept: the update stream, shared by every seed)."""
         for streams in (self._streams.pop(seed, {}), self._per_op_streams.pop(seed, {})):
             for stream in streams.values():
                 if isinstance(stream, StreamFile) and stream is not self._update:
@@ -446,7 +480,8 @@ class TrajectoryScan:
     def run(self, n_snapshots: int, measured: Sequence[int], analysis_seed: int = 0, headline_only: bool | None = None,
             fd_compare: bool | None = None, artifacts: str | Path | None = None,
             bases_out: dict[str, dict[int, Tensor]] | None = None, bases_at: str = "measured",
-            phases: dict[str, tuple[int | None, int | None]] | None = None) -> dict[str, Any]:
+            phases: dict[str, tuple[int | None, int | None]] | None = None,
+            artifacts_at: str = "measured") -> dict[str, Any]:
         """The scan of the run's first ``n_snapshots`` snapshots at snapshot indices ``measured``, in the format of
         :func:`scan_coupling`. ``headline_only``: only the first alignment of each source (no ablations; default:
         for analysis seeds other than 0). ``fd_compare``: also the paper's finite difference (ε_rel of the config)
@@ -457,7 +492,11 @@ class TrajectoryScan:
         every measured snapshot (``bases_at="measured"``), or (``"headline"``) only at the peak and final snapshot
         of each key without an ablation window, per op — what :func:`save_bases` keeps, without holding the rest.
         With ``cfg.per_op_inputs`` on a multitask task, every row also holds the per-op variant's keys of the first
-        alignment (whatever ``headline_only``), each with the median random response on its own probes."""
+        alignment (whatever ``headline_only``), each with the median random response on its own probes.
+        ``artifacts``: a directory for one artifact per measured snapshot (:func:`save_artifact`); with
+        ``artifacts_at="peaks"`` only those of the snapshots the reported values come from (:func:`headline_steps`)
+        stay: after each snapshot the scan deletes every artifact that is no longer one of a running peak or the
+        latest, so at most a few are ever on disk (a snapshot that is not the peak so far can never become it)."""
         cfg, task, subspace = self.cfg, self.task, self.subspace
         check(2 <= n_snapshots <= len(self.snaps), f"n_snapshots must lie in 2..{len(self.snaps)}, got {n_snapshots}.")
         measured = sorted(set(int(t) for t in measured))
@@ -465,27 +504,28 @@ class TrajectoryScan:
         fd_compare = cfg.fd_compare and analysis_seed == 0 if fd_compare is None else fd_compare
         check(all(0 <= t < n_snapshots for t in measured), "measured snapshots must lie inside the scanned run.")
         check(bases_at in ("measured", "headline"), f"bases_at must be 'measured' or 'headline', got {bases_at!r}.")
-        streams = self.streams(analysis_seed)
-        t0 = time.perf_counter()
+        check(artifacts_at in ("measured", "peaks"), f"artifacts_at must be 'measured' or 'peaks', got {artifacts_at!r}.")
+        since = self._clock()
         aligns = cfg.aligns[:1] if headline_only else cfg.aligns
         main_align = "leading" if "leading" in cfg.aligns else cfg.aligns[0]
-        # SED bases per key at the measured snapshots, from the entries of the first n_snapshots snapshots: each
-        # key's bases come out of one streaming pass as the loop below reaches their snapshot, so only the current
-        # snapshot's bases are held (all of them at once were ~0.5 GB for a single-task run of the paper's model)
+        # SED bases per key at the measured snapshots, from the entries of the first n_snapshots snapshots: one
+        # BasesFeed walks the entries once for every key, as the loop below reaches each snapshot, so only the
+        # current snapshot's bases (and those complete ahead of it) are held — all of them at once were ~0.5 GB for a
+        # single-task run of the paper's model — and live streams are never stored at all
         bases: dict[ScanKey, KeyBases] = {}
-        for name, vecs in streams.items():
+        for name in self.stream_names(seed_streams=False):
             if name == "gradient" and "gradient" not in self.sources:
                 continue
             n_entries = n_snapshots - 1 if name == "update" else n_snapshots
             for align in aligns:
                 anchors = {t: entry for t in measured if (entry := stream_entry_index(name, t, align)) is not None}
-                bases[stream_key(name, align, task.ops)] = KeyBases(vecs[:n_entries], anchors, cfg.window, cfg.k,
+                bases[stream_key(name, align, task.ops)] = KeyBases(name, n_entries, anchors, cfg.window, cfg.k,
                                                                     align, name)
         if not headline_only:
             for w in cfg.ablation_windows:
                 for align in cfg.aligns:
                     bases[ScanKey("gradient", align, window=w)] = KeyBases(
-                        streams["gradient"][:n_snapshots], {t: t for t in measured}, w, 1, align, "gradient")
+                        "gradient", n_snapshots, {t: t for t in measured}, w, 1, align, "gradient")
         # the per-op variant: the first alignment's update and gradient bases as they are, task_gradient SED of each
         # op's gradient on its own batch; measured on each op's own probes
         variant: dict[ScanKey, KeyBases] = {}
@@ -495,12 +535,13 @@ class TrajectoryScan:
             variant = {k.with_inputs(PER_OP): kb for k, kb in bases.items()
                        if k.align == first and k.is_main and k.source != "task_gradient"}
             if "task_gradient" in self.sources:
-                for op, vecs in self.per_op_streams(analysis_seed).items():
+                for op in task.ops:
                     variant[ScanKey("task_gradient", first, op, inputs=PER_OP)] = KeyBases(
-                        vecs[:n_snapshots], {t: t for t in measured}, cfg.window, cfg.k, first, f"task_gradient/{op}",
-                        (PER_OP,))
-        self._time("bases", t0)
-        passes = {id(kb): kb.stream() for kb in (*bases.values(), *variant.values())}  # one pass per stream window
+                        f"per_op/{op}", n_snapshots, {t: t for t in measured}, cfg.window, cfg.k, first,
+                        f"task_gradient/{op}", (PER_OP,))
+        every = (*bases.values(), *variant.values())
+        feed = BasesFeed(self._entries(analysis_seed, {kb.stream for kb in every}), [(kb, None) for kb in every])
+        self._time_bases(since)
 
         def kept(k: ScanKey) -> bool:  # the keys whose bases go to bases_out (sed_bases.pt)
             return k.inputs is None or k.source == "task_gradient"
@@ -510,14 +551,14 @@ class TrajectoryScan:
         fd_eps = sorted(set((cfg.ablation_eps if not headline_only else ()) + ((cfg.eps_rel,) if fd_compare else ())))
         rows: list[dict[str, Any]] = []
         for t in tqdm(measured, desc="coupling", disable=not self.progress, leave=False):
-            t0 = time.perf_counter()
+            since = self._clock()
             here: dict[int, tuple[SEDBasis, tuple[Any, ...]]] = {}  # this snapshot's basis of each KeyBases
-            for kb in (*bases.values(), *variant.values()):
+            for kb in every:
                 if t in kb.anchors and id(kb) not in here:
-                    here[id(kb)] = (kb.next_at(passes[id(kb)], t), kb.ident(t))
+                    here[id(kb)] = (feed.at(kb, t), kb.ident(t))
             at = {k: here[id(kb)] for k, kb in bases.items() if t in kb.anchors}
             at_variant = {k: here[id(kb)] for k, kb in variant.items() if t in kb.anchors}
-            self._time("bases", t0)
+            self._time_bases(since)
             if bases_out is not None and bases_at == "measured":
                 for k, (b, _) in (*at.items(), *at_variant.items()):
                     if kept(k):
@@ -570,18 +611,26 @@ class TrajectoryScan:
                                if k.source == "task_gradient"}
                 save_artifact(art_dir, self.model, subspace, t, self.steps[t], directions, rand, seed, probes, eps, cfg,
                               row, {op: inp.probes for op, inp in op_inputs.items()} or None)
+                if artifacts_at == "peaks":
+                    prune_artifacts(art_dir, headline_steps(summarize(rows, task.ops)))
         summary = summarize(rows, task.ops, phases)
         if bases_out is not None and bases_at == "headline":
-            # recomputed for the few snapshots save_bases keeps: every kept key's peak and final, per op
-            t0 = time.perf_counter()
+            # recomputed for the few snapshots save_bases keeps (every kept key's peak and final, per op), by one more
+            # walk over the entries
+            since = self._clock()
             index_of = {self.steps[t]: t for t in measured}
+            wanted: dict[ScanKey, list[int]] = {}
             for k, kb in (*bases.items(), *variant.items()):
                 if k.window is not None or not kept(k):
                     continue
-                ts = {index_of[s[f]] for s in (summary[op].get(str(k)) for op in task.ops) if s
-                      for f in ("peak_step", "final_step")}
-                bases_out[str(k)] = {self.steps[t]: b.directions.float() for t, b in kb.at(sorted(ts)).items()}
-            self._time("bases", t0)
+                wanted[k] = sorted({index_of[s[f]] for s in (summary[op].get(str(k)) for op in task.ops) if s
+                                    for f in ("peak_step", "final_step")} & set(kb.anchors))
+            pick = {k: kb for k, kb in (*bases.items(), *variant.items()) if k in wanted}
+            again = BasesFeed(self._entries(analysis_seed, {kb.stream for kb in pick.values()}),
+                              [(kb, wanted[k]) for k, kb in pick.items()])
+            for k, kb in pick.items():
+                bases_out[str(k)] = {self.steps[t]: again.at(kb, t).directions.float() for t in wanted[k]}
+            self._time_bases(since)
         return {"config": asdict(cfg), "n_snapshots_total": n_snapshots, "steps_all": self.steps[:n_snapshots],
                 "measured": [self.steps[t] for t in measured], "analysis_seed": analysis_seed, "snapshots": rows,
                 "phases": {op: list(b) for op, b in (phases or {}).items()}, "summary": summary}

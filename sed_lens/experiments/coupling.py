@@ -141,7 +141,7 @@ def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     post-grok run (the same measured snapshots continued at the same spacing to the end). Each length is scanned
     for every analysis seed. ``coupling.json`` holds the main scan (stop-rule run, analysis seed 0); the returned
     summary (``cell.json``) holds every scan in compact form (:func:`compact_scan`)."""
-    from sed_lens.analysis.trajectory import headline_steps, prune_artifacts, save_bases
+    from sed_lens.analysis.trajectory import save_bases
     from sed_lens.hooks.snapshots import SnapshotStore
     from sed_lens.subspace import ParamSubspace
     from sed_lens.training import curves
@@ -157,17 +157,16 @@ def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
         subspace = ParamSubspace.attention(model)
         scans = scan_lengths(model, task, store, scan, result, subspace, stop_acc=gcfg.train.stop_acc,
                              artifacts=path / "artifacts" if config["artifacts"] else None,
-                             responses=path / "responses.pt", streams_dir=path / "streams")
+                             artifacts_at=config.get("artifacts_at", "measured"),
+                             responses=path / "responses.pt", streams="live")
         main = scans["stop_rule"][0]
         t_scanned = time.perf_counter()
         figs = write_outputs(tracker.dir, main, result.history, task.ops)
         save_bases(tracker.dir / "sed_bases.pt", scans["bases"], main["summary"], subspace, scan)
         tracker.summary({"coupling": main["summary"]})
         log_run(tracker, main, figs, gcfg.seed)
-    if config["artifacts"] and config.get("artifacts_at", "measured") == "peaks":
-        prune_artifacts(path / "artifacts", headline_steps(main["summary"]))
     shutil.rmtree(path / "snapshots", ignore_errors=True)  # ≈1.2 MB per snapshot: only an interrupted cell needs them
-    shutil.rmtree(path / "streams", ignore_errors=True)  # the scan's stream vectors (TrajectoryScan(streams_dir=...))
+    shutil.rmtree(path / "streams", ignore_errors=True)  # stream files an interrupted cell of an older sed_lens left
     (path / "responses.pt").unlink(missing_ok=True)
     # over every attempt of an interrupted cell: the trainer's wall time and the scan's own clock carry across resumes
     timings = {"train": result.wall_time, "scan": scans["elapsed"], "outputs": time.perf_counter() - t_scanned,
@@ -180,10 +179,11 @@ def coupling_cell(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 def scan_lengths(model: Any, task: Any, store: SnapshotStore, scan: ScanConfig, result: Any, subspace: ParamSubspace,
                  stop_acc: float = 0.98, artifacts: Path | None = None, responses: Path | None = None,
-                 streams_dir: Path | None = None) -> dict[str, Any]:
+                 streams: str | Path = "memory", artifacts_at: str = "measured") -> dict[str, Any]:
     """Scans of one trained trajectory: ``{"stop_rule": {seed: scan}, "post_grok": {seed: scan}, "bases": …}``
     (``post_grok`` only when the run trained past its stop rule). The stop-rule run is the snapshots up to the step
-    at which the stop rule fired (all of them when it never fired or training stopped there)."""
+    at which the stop rule fired (all of them when it never fired or training stopped there). ``streams``: where the
+    scan's stream vectors live (:class:`~sed_lens.analysis.trajectory.TrajectoryScan`; a grid cell uses ``"live"``)."""
     from sed_lens.analysis.trajectory import TrajectoryScan, extended_indices, phase_bounds, snapshot_indices
 
     steps = list(store.steps)
@@ -193,15 +193,15 @@ def scan_lengths(model: Any, task: Any, store: SnapshotStore, scan: ScanConfig, 
     if n_stop < len(steps):
         lengths["post_grok"] = (len(steps), extended_indices(measured, len(steps)))
     phases = {op: phase_bounds(result.history, op, end_acc=stop_acc) for op in task.ops}
-    engine = TrajectoryScan(model, task, store, scan, subspace, progress=False, responses=responses,
-                            streams_dir=streams_dir)
+    engine = TrajectoryScan(model, task, store, scan, subspace, progress=False, responses=responses, streams=streams)
     out: dict[str, Any] = {name: {} for name in lengths}
     bases: dict[str, Any] = {}
     for a in range(scan.analysis_seeds):
         for name, (n, idx) in lengths.items():
             main = a == 0 and name == "stop_rule"
             out[name][a] = engine.run(n, idx, analysis_seed=a, artifacts=artifacts if main else None,
-                                      bases_out=bases if main else None, bases_at="headline", phases=phases)
+                                      bases_out=bases if main else None, bases_at="headline", phases=phases,
+                                      artifacts_at=artifacts_at)
         engine.drop_streams(a)
     out["bases"] = bases
     out["timings"], out["measured_directions"] = engine.timings, engine.measured_directions
@@ -307,7 +307,7 @@ def paper_for(op: str, key: ScanKey, seed: int | None, multitask: bool) -> str:
 
 def analyse_existing(cfg: CouplingConfig) -> dict[str, Any]:
     """``--from-run``: the coupling of a grokking run saved with ``--snapshot-every``."""
-    from sed_lens.analysis.trajectory import headline_steps, prune_artifacts, scan_coupling
+    from sed_lens.analysis.trajectory import scan_coupling
     from sed_lens.hooks.snapshots import SnapshotStore
 
     src = Path(cfg.from_run or "")
@@ -322,9 +322,7 @@ def analyse_existing(cfg: CouplingConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out) / f"from-{src.name}"
     scan = replace(cfg.scan, n_snapshots=cfg.multitask_snapshots if task.multitask else cfg.scan.n_snapshots)
     out = scan_coupling(model, task, store, scan, artifacts=out_dir / "artifacts" if cfg.artifacts else None,
-                        progress=cfg.progress)
-    if cfg.artifacts and cfg.artifacts_at == "peaks":
-        prune_artifacts(out_dir / "artifacts", headline_steps(out["summary"]))
+                        progress=cfg.progress, artifacts_at=cfg.artifacts_at)
     write_outputs(out_dir, out, read_jsonl(src / "metrics.jsonl"), task.ops)
     print(f"coupling of {src}: {out_dir / 'coupling.json'}")
     for op in task.ops:
