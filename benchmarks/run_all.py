@@ -28,7 +28,7 @@ SECTIONS = [
     ("Centroid responses: one direction at a time vs vectorised over directions", "benchmarks.coupling_responses",
      ["--reps", "1", "--train-steps", "10", "--probes", "128"]),
     ("Memory: an 8,000-step streaming run vs a checkpoint every 25 steps", "benchmarks.memory", ["--steps", "1000"]),
-    ("Memory of a coupling scan: stream vectors in memory vs in files", "benchmarks.scan_memory",
+    ("Memory and disk of a coupling scan: stream vectors in memory, in files or live", "benchmarks.scan_memory",
      ["--snapshots", "30", "--multitask-snapshots", "0"]),
     ("Command-line latency: --help and a bad flag", "benchmarks.cli_latency", []),
     ("The reproduction protocol, phase by phase (from the runs' own timings)", "benchmarks.protocol_profile", []),

@@ -1,13 +1,16 @@
-"""Peak memory of a coupling scan: stream vectors in memory vs in files (``TrajectoryScan(streams_dir=...)``).
+"""Peak memory and disk of a coupling scan: stream vectors in memory, in files, or live
+(``TrajectoryScan(streams="memory" | DIRECTORY | "live")``).
 
 ``python -m benchmarks.scan_memory [--snapshots 164] [--multitask-snapshots 321] [--measured 1]`` builds a
 trajectory of the paper's model as long as the reproduction's runs (a single-task run of ~4,100 steps and the
 8,000-step multitask run, a snapshot every 25 steps): its initial weights plus a random walk, written as a snapshot
 store on disk as a coupling cell keeps it (memory does not depend on the values). Each variant then runs in a
-fresh process: the stream vectors of analysis seed 0 (and, for the multitask model, the per-op variant's), then
-the last ``--measured`` snapshots with every key and the finite-difference comparison, with the reproduction's
-scan settings (W 20, k 3, 1,024 probes, 20 random directions). It reports the resident memory after each phase
-and the process's peak (VmHWM).
+fresh process: the stored variants compute the stream vectors of analysis seed 0 (and, for the multitask model,
+the per-op variant's) first; then the last ``--measured`` snapshots are measured with every key and the
+finite-difference comparison, with the reproduction's scan settings (W 20, k 3, 1,024 probes, 20 random
+directions; the single-task run with the window and ε ablations of seed 42) — which, for live streams, walks the
+whole trajectory computing each entry as the windows need it. It reports the resident memory after each phase, the
+process's peak (VmHWM), the bytes of stream files on disk and the wall time.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def write_trajectory(directory: Path, ops: list[str], n: int) -> None:
                  for k, v in state.items()}
 
 
-def worker(snapshots: Path, ops: list[str], measured: int, streams_dir: str | None) -> dict[str, object]:
+def worker(snapshots: Path, ops: list[str], measured: int, streams: str) -> dict[str, object]:
     """One variant in this process: phases with (RSS, peak) after each."""
     phases: list[tuple[str, float, int, int]] = []
     t = time.perf_counter()
@@ -74,17 +77,22 @@ def worker(snapshots: Path, ops: list[str], measured: int, streams_dir: str | No
     store = SnapshotStore.load(snapshots, 25)
     mark("imports, model")
     multitask = len(ops) > 1
-    cfg = ScanConfig(n_snapshots=30 if multitask else 40, fd_compare=True, per_op_inputs=multitask)
-    scan = TrajectoryScan(model, task, store, cfg, progress=False, streams_dir=streams_dir)
-    scan.streams(0)
-    mark("stream vectors")
-    if scan.per_op:
-        scan.per_op_streams(0)
-        mark("per-op stream vectors")
+    # as the reproduction scans them: the multitask run with the per-op variant, a single-task run (seed 42's, the
+    # heaviest) with the window and ε ablations too — its W = 40 windows are the ones that hold bases longest
+    ablations = {} if multitask else {"ablation_windows": (1, 2, 5, 10, 20, 40), "ablation_eps": (0.001, 0.005, 0.05)}
+    cfg = ScanConfig(n_snapshots=30 if multitask else 40, fd_compare=True, per_op_inputs=multitask, **ablations)
+    scan = TrajectoryScan(model, task, store, cfg, progress=False, streams=streams)
+    if not scan.live:
+        scan.streams(0)
+        mark("stream vectors")
+        if scan.per_op:
+            scan.per_op_streams(0)
+            mark("per-op stream vectors")
+    on_disk = sum(f.stat().st_size for f in scan.streams_dir.iterdir()) if scan.streams_dir else 0
     n = len(store)
     scan.run(n, snapshot_indices(n, cfg.n_snapshots)[-measured:])
-    mark(f"SED bases and responses at {measured} snapshot(s)")
-    return {"phases": phases, "peak": memory()[1]}
+    mark(("stream vectors, " if scan.live else "") + f"SED bases and responses at {measured} snapshot(s)")
+    return {"phases": phases, "peak": memory()[1], "disk": on_disk, "timings": scan.timings}
 
 
 def main() -> None:
@@ -97,11 +105,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps(worker(Path(spec["snapshots"]), spec["ops"], spec["measured"], spec["streams_dir"])))
+        print(json.dumps(worker(Path(spec["snapshots"]), spec["ops"], spec["measured"], spec["streams"])))
         return
     print(f"machine: {machine()}\n")
-    print("| model | snapshots | stream vectors | RSS after each phase (MiB) | peak RSS (MiB) | wall (s) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | snapshots | stream vectors | RSS after each phase (MiB) | peak RSS (MiB) | stream files (MB) "
+          "| stream vectors (s) | wall (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     runs = [(["add"], args.snapshots)]
     if args.multitask_snapshots:
         runs.append((["add", "sub", "mul", "sq"], args.multitask_snapshots))
@@ -109,10 +118,9 @@ def main() -> None:
         for ops, n in runs:
             traj = Path(tmp) / "+".join(ops)
             write_trajectory(traj / "snapshots", ops, n)
-            for where in ("in memory", "in files"):
-                streams_dir = str(traj / "streams") if where == "in files" else None
+            for where, streams in (("in memory", "memory"), ("in files", str(traj / "streams")), ("live", "live")):
                 spec = json.dumps({"snapshots": str(traj / "snapshots"), "ops": ops, "measured": args.measured,
-                                   "streams_dir": streams_dir})
+                                   "streams": streams})
                 t = time.perf_counter()
                 out = subprocess.run([sys.executable, "-m", "benchmarks.scan_memory", "--worker", spec],
                                      capture_output=True, text=True, check=True)
@@ -120,8 +128,11 @@ def main() -> None:
                 res = json.loads(out.stdout.strip().splitlines()[-1])
                 phases = "; ".join(f"{what}: {rss / MIB:.0f}" for what, _, rss, _ in res["phases"])
                 name = "multitask (4 ops)" if len(ops) > 1 else "single-task"
-                print(f"| {name} | {n} | {where} | {phases} | **{res['peak'] / MIB:.0f}** | {wall:.0f} |")
-    print("\nThe peak comes while measuring: the responses over 1,024 probes need a few hundred MiB of workspace.")
+                print(f"| {name} | {n} | {where} | {phases} | **{res['peak'] / MIB:.0f}** | {res['disk'] / 1e6:.0f} "
+                      f"| {res['timings'].get('streams', 0.0):.0f} | {wall:.0f} |")
+    print("\nThe peak comes while measuring: the responses over 1,024 probes need a few hundred MiB of workspace. "
+          "Live streams are computed again by every scan of the trajectory (a coupling cell scans it twice per "
+          "analysis seed, and once more for the headline bases of its main scan); stored ones once per analysis seed.")
 
 
 if __name__ == "__main__":

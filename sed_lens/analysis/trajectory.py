@@ -3,7 +3,8 @@
 Given the model states of a run at every snapshot (every 25 steps in the paper), :func:`scan_coupling`
 
 1. computes the stream vectors at every snapshot — the attention update between consecutive snapshots, the
-   gradient on a fixed batch, and per-op gradients for a multitask model (:func:`~sed_lens.analysis.streams.capture_offline`);
+   gradient on a fixed batch, and per-op gradients for a multitask model (:meth:`TrajectoryScan.snapshot_entries`;
+   stored, or computed as the windows reach them: ``TrajectoryScan(streams=...)``);
 2. picks ``n_snapshots`` evenly spaced snapshots (``linspace(0, N-1, n)`` as the paper's code);
 3. at each, builds the SED bases of every stream for each window alignment — *leading* (the W entries starting
    at the snapshot, clamped at the end: the paper's code) and *trailing* (the W entries known at the snapshot:
@@ -61,7 +62,7 @@ from sed_lens.task import Batch, Task
 from sed_lens.tasks import ModularArithmetic
 
 Stream = list[Tensor] | StreamFile
-"""A stream's entries over a trajectory: in memory, or on disk (``TrajectoryScan(streams_dir=...)``)."""
+"""A stream's entries over a trajectory, stored: in memory, or on disk (``TrajectoryScan(streams=DIRECTORY)``)."""
 
 ARTIFACT_FORMAT = "sed_lens.coupling_snapshot/1"
 RESPONSES_FORMAT = "sed_lens.coupling_responses/1"
