@@ -168,6 +168,23 @@ def test_vectorised_paths_in_float64(multitask, method):
         torch.testing.assert_close(small, exact, rtol=1e-8, atol=0)
 
 
+def test_the_vectorised_central_difference_does_not_depend_on_how_many_directions_share_a_call(multitask):
+    """Bit for bit in float32: how many directions one call stacks is a memory/speed choice
+    (:data:`~sed_lens.analysis.coupling.CPU_DIRECTION_PROBES`), never a change of the numbers."""
+    task, model = multitask
+    model = copy.deepcopy(model)
+    S = ParamSubspace.attention(model)
+    x, y = task.probes(64, seed=8)
+    dirs = S.random_directions(6, torch.Generator().manual_seed(6))
+    cmap = CentroidMap(model, x, y, task="add")
+    base = {n: p.detach() for n, p in S.parameters_of(model).items()}
+    rows, eps = slice(0, 64), perturbation_scale(model, S, 0.005)
+    model.eval()
+    one = coupling_module._batched_sq("fd", cmap, model, base, S, dirs, rows, eps, 1)
+    for per_call in (2, 3, 6):
+        assert torch.equal(coupling_module._batched_sq("fd", cmap, model, base, S, dirs, rows, eps, per_call), one)
+
+
 def test_a_readout_vmap_cannot_take_falls_back_to_the_loop_with_a_warning(multitask):
     task, model = multitask
     S = ParamSubspace.attention(model)
@@ -212,7 +229,8 @@ def test_any_failure_of_the_vectorised_path_falls_back_once(multitask, method, m
 
 def test_directions_per_call():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert directions_per_call("fd", 8, 1024, cpu) == 2 and directions_per_call("hvp", 8, 1024, cpu) == 1
+    assert directions_per_call("fd", 8, 1024, cpu) == 1 and directions_per_call("hvp", 8, 1024, cpu) == 1
+    assert directions_per_call("fd", 8, 512, cpu) == 2
     assert directions_per_call("fd", 8, 64, cpu) == 8 and directions_per_call("hvp", 8, 64, cpu) == 4
     assert directions_per_call("hvp", 3, 64, cpu) == 3 and directions_per_call("hvp", 8, 256, cpu) == 1
     assert directions_per_call("fd", 8, 100_000, cpu) == 1

@@ -43,13 +43,16 @@ Probes = tuple[Int[Tensor, "n pos"], Mapping[str, Tensor] | Tensor | None]
 
 UNIT_RTOL = 1e-3  # a direction's norm may differ from 1 by this much (relative); rows of zeros are allowed
 
-CPU_DIRECTION_PROBES = {"hvp": 256, "fd": 2048}
+CPU_DIRECTION_PROBES = {"hvp": 256, "fd": 1024}
 """On a CPU, one vectorised call of ``hvp`` / ``fd`` takes at most this many (direction × probe) pairs (and at
 least one direction, at most ``chunk_size``). Measured on the paper's model with 1 thread
 (``benchmarks/coupling_responses.py``): the central difference gains from stacking a few directions' ±
-perturbations (~1.15× per direction at 1,024 probes, ~1.5× at 128) and loses again past a few thousand pairs; the
-batched reverse-over-reverse backward (``is_grads_batched``) is slower than one backward per direction except for
-tiny probe batches, so from 256 probes on ``hvp`` goes one direction at a time."""
+perturbations at small probe sets (~1.5× per direction at 128 probes) and loses again past a few thousand pairs;
+at the paper's 1,024 probes one direction (its ± pair) per call: stacking two was ~7 % faster per direction but
+needed +563 MiB of workspace instead of +327 MiB, which put a reproduction worker over 1.5 GB (the results are
+bit-identical either way: each perturbed weight set is its own slice of the batched products). The batched
+reverse-over-reverse backward (``is_grads_batched``) is slower than one backward per direction except for tiny
+probe batches, so from 256 probes on ``hvp`` goes one direction at a time."""
 
 
 def perturbation_scale(model: HookedTransformer, subspace: ParamSubspace, eps_rel: float) -> float:
