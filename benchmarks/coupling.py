@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.coupling`` measures, on the paper's model (p 97) at a trained-ish state, the centroid
 response of 23 directions (random ones: the cost does not depend on which) over 1024 probes — one snapshot of the paper's protocol — by
-``method="jvp"`` (forward-over-reverse, vmap chunks of 4 and 8), ``method="hvp"`` (reverse-over-reverse) and
+``method="jvp"`` (forward-over-reverse: one direction per call, and the default chunk — on a CPU capped at 2
+directions per call at 1,024 probes, :data:`~sed_lens.analysis.coupling.CPU_DIRECTION_PROBES`), ``method="hvp"`` (reverse-over-reverse) and
 ``method="fd"`` (central difference, ε_rel 0.005), round-robin in one process, and reports their agreement.
 """
 
@@ -34,14 +35,14 @@ def main() -> None:
     probes = task.probes(1024, 0)
     dirs = S.random_directions(23, torch.Generator().manual_seed(0))
     runs = {
-        "jvp (chunk 4)": lambda: centroid_response(model, S, dirs, probes, method="jvp", chunk_size=4),
-        "jvp (chunk 8)": lambda: centroid_response(model, S, dirs, probes, method="jvp", chunk_size=8),
+        "jvp (1 per call)": lambda: centroid_response(model, S, dirs, probes, method="jvp", chunk_size=1),
+        "jvp (default)": lambda: centroid_response(model, S, dirs, probes, method="jvp"),
         "hvp": lambda: centroid_response(model, S, dirs, probes, method="hvp"),
         "fd (ε_rel 0.005)": lambda: centroid_response(model, S, dirs, probes, method="fd", eps_rel=0.005),
     }
     values = {k: fn() for k, fn in runs.items()}
     t = interleaved(runs, reps=args.reps, inner=1, warmup=0)
-    ref = values["jvp (chunk 8)"].double()
+    ref = values["jvp (default)"].double()
     print(f"machine: {machine()}\none snapshot: 23 directions × 1024 probes, P = {S.dim:,}\n")
     print("| method | s per snapshot | ratio to fd | max relative difference to jvp |")
     print("|---|---|---|---|")

@@ -230,11 +230,26 @@ def test_any_failure_of_the_vectorised_path_falls_back_once(multitask, method, m
 def test_directions_per_call():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert directions_per_call("fd", 8, 1024, cpu) == 1 and directions_per_call("hvp", 8, 1024, cpu) == 1
-    assert directions_per_call("fd", 8, 512, cpu) == 2
+    assert directions_per_call("fd", 8, 512, cpu) == 2 and directions_per_call("jvp", 8, 1024, cpu) == 2
+    assert directions_per_call("jvp", 8, 64, cpu) == 8 and directions_per_call("jvp", 8, 1024, gpu) == 8
     assert directions_per_call("fd", 8, 64, cpu) == 8 and directions_per_call("hvp", 8, 64, cpu) == 4
     assert directions_per_call("hvp", 3, 64, cpu) == 3 and directions_per_call("hvp", 8, 256, cpu) == 1
     assert directions_per_call("fd", 8, 100_000, cpu) == 1
     assert directions_per_call("hvp", 8, 1024, gpu) == 8 and directions_per_call("fd", 5, 10**6, gpu) == 5
+
+
+def test_jvp_on_a_cpu_takes_only_as_many_directions_per_call_as_its_probes_allow(multitask, monkeypatch):
+    """Many probes: the default chunk of 8 would hold gigabytes of forward-mode activations, so a call takes fewer."""
+    task, model = multitask
+    S = ParamSubspace.attention(model)
+    dirs = S.random_directions(4, torch.Generator().manual_seed(9))
+    seen, jvp_sq = [], coupling_module._jvp_sq
+    monkeypatch.setattr(coupling_module, "CPU_DIRECTION_PROBES", {**coupling_module.CPU_DIRECTION_PROBES, "jvp": 40})
+    monkeypatch.setattr(coupling_module, "_jvp_sq", lambda *a: seen.append(a[-1]) or jvp_sq(*a))
+    capped = centroid_response(model, S, dirs, task.probes(20, seed=3), method="jvp", task="add")
+    assert seen == [2]
+    whole = centroid_response(model, S, dirs, task.probes(20, seed=3), method="jvp", task="add", chunk_size=1)
+    torch.testing.assert_close(capped, whole, rtol=1e-5, atol=0)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ paper's central difference (μ(θ + εv) − μ(θ − εv)) / 2ε with ε = ``e
 group of directions stacked into one ``vmap``-ed centroid evaluation. The coupling of k directions is
 R_j = A(v_j) / median_r A(r) over random unit directions r in S, and R̄ = mean_j R_j.
 
-How many directions one vectorised call of ``hvp`` or ``fd`` takes: ``chunk_size`` on an accelerator; on a CPU
-at most that, and fewer when the probes are many (:data:`CPU_DIRECTION_PROBES`), since there the work per
-direction is memory-bound elementwise arithmetic that batching does not shrink, and batched activations that
-outgrow the caches make a call slower per direction (``python -m benchmarks.coupling_responses`` measures it).
+How many directions one vectorised call takes: ``chunk_size`` on an accelerator; on a CPU at most that, and fewer
+when the probes are many (:data:`CPU_DIRECTION_PROBES`), since there the work per direction is memory-bound
+elementwise arithmetic that batching does not shrink, and batched activations that outgrow the caches make a call
+slower per direction and cost memory (``python -m benchmarks.coupling_responses`` measures it).
 A model or readout that ``torch.func`` cannot vectorise falls back, with a warning, to one direction at a time.
 """
 
@@ -43,8 +43,8 @@ Probes = tuple[Int[Tensor, "n pos"], Mapping[str, Tensor] | Tensor | None]
 
 UNIT_RTOL = 1e-3  # a direction's norm may differ from 1 by this much (relative); rows of zeros are allowed
 
-CPU_DIRECTION_PROBES = {"hvp": 256, "fd": 1024}
-"""On a CPU, one vectorised call of ``hvp`` / ``fd`` takes at most this many (direction × probe) pairs (and at
+CPU_DIRECTION_PROBES = {"jvp": 2048, "hvp": 256, "fd": 1024}
+"""On a CPU, one vectorised call of ``jvp`` / ``hvp`` / ``fd`` takes at most this many (direction × probe) pairs (and at
 least one direction, at most ``chunk_size``). Measured on the paper's model with 1 thread
 (``benchmarks/coupling_responses.py``): the central difference gains from stacking a few directions' ±
 perturbations at small probe sets (~1.5× per direction at 128 probes) and loses again past a few thousand pairs;
@@ -52,7 +52,9 @@ at the paper's 1,024 probes one direction (its ± pair) per call: stacking two w
 needed +563 MiB of workspace instead of +327 MiB, which put a reproduction worker over 1.5 GB (the results are
 bit-identical either way: each perturbed weight set is its own slice of the batched products). The batched
 reverse-over-reverse backward (``is_grads_batched``) is slower than one backward per direction except for tiny
-probe batches, so from 256 probes on ``hvp`` goes one direction at a time."""
+probe batches, so from 256 probes on ``hvp`` goes one direction at a time. ``jvp`` at 1,024 probes (the paper's model, 1
+thread): 2 directions per call took 0.29 s per direction and +737 MiB, 8 per call 0.59 s and +2.6 GiB (the same
+values up to rounding: a forward-mode batch of another size sums in another order)."""
 
 
 def perturbation_scale(model: HookedTransformer, subspace: ParamSubspace, eps_rel: float) -> float:
@@ -84,8 +86,8 @@ def centroid_response(model: HookedTransformer, subspace: ParamSubspace, directi
         method: ``"jvp"`` or ``"hvp"`` (exact, equal up to rounding) or ``"fd"`` (central difference with
             ε = eps_rel·‖θ_S‖).
         site, readout, task: the centroid (see :func:`sed_lens.analysis.centroids.centroids`).
-        chunk_size: directions per vectorised call (bounds memory); on a CPU, ``hvp`` and ``fd`` may take fewer
-            (see :data:`CPU_DIRECTION_PROBES`).
+        chunk_size: directions per vectorised call (bounds memory); on a CPU a call may take fewer (see
+            :data:`CPU_DIRECTION_PROBES`).
         probe_batch: probes per pass (default: all).
     """
     check(method in METHODS, f"unknown method {method!r}; choose {' or '.join(METHODS)}.")
@@ -109,10 +111,10 @@ def centroid_response(model: HookedTransformer, subspace: ParamSubspace, directi
     try:
         for lo in range(0, n_probes, pb):
             rows = slice(lo, lo + pb)
-            if method == "jvp":
-                total += _jvp_sq(cmap, base, subspace, dirs, rows, chunk_size)
-                continue
             per_call = directions_per_call(method, chunk_size, min(pb, n_probes - lo), device)
+            if method == "jvp":
+                total += _jvp_sq(cmap, base, subspace, dirs, rows, per_call)
+                continue
             if vectorise and (method == "fd" or per_call > 1):  # (hvp with 1 per call is the loop)
                 try:
                     total += _batched_sq(method, cmap, model, base, subspace, dirs, rows, eps, per_call)
