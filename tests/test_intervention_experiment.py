@@ -146,17 +146,30 @@ def test_control_condition_is_a_plain_grokking_run_and_update_method_runs(tmp_pa
     assert "| B remove SED |" in table and "1.21×" in table
 
 
+def tiny_cell(code, mode, steps, eval_every, checkpoint_every, window, **grok_extra):
+    """A tiny intervention grid cell (p 11, seed 5) of condition ``code`` projecting with ``mode``."""
+    from sed_lens.grid import Cell
+
+    grok = {"ops": ["add"], "p": 11, "seed": 5, "wandb_mode": "disabled", "train_frac": 0.8, "init": "tl", **grok_extra,
+            "train": {"steps": steps, "batch_size": 64, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
+                      "grok_acc": 0.99, "lr": 3e-3, "weight_decay": 0.1}}
+    config = {"condition": code, "grokking": grok,
+              "projection": {"k": 2, "mode": mode, "basis": "sed", "apply_to": "gradient", "window": window,
+                             "warmup": 4, "seed": 5}}
+    return Cell(f"{code}-{mode}-sed-s5", "sed_lens.experiments.intervention:grid_cell", config)
+
+
+def numbers(summary):
+    """A cell's result without its timings."""
+    return {k: v for k, v in summary.items() if k not in ("wall_time_s", "timings")}
+
+
 def test_an_interrupted_intervention_cell_resumes_from_its_checkpoint_with_the_same_result(tmp_path, monkeypatch):
     from sed_lens.grid import Cell, execute_cell
     from sed_lens.hooks.interventions import SubspaceProjection
 
-    grok = {"ops": ["add"], "p": 11, "seed": 5, "wandb_mode": "disabled", "train_frac": 0.8, "init": "tl",
-            "train": {"steps": 40, "batch_size": 64, "eval_every": 5, "checkpoint_every": 10, "grok_acc": 0.99,
-                      "lr": 3e-3, "weight_decay": 0.1}}
-    config = {"condition": "B", "grokking": grok,
-              "projection": {"k": 2, "mode": "remove", "basis": "sed", "apply_to": "gradient", "window": 4,
-                             "warmup": 4, "seed": 5}}
-    c = Cell("B-remove-sed-s5", "sed_lens.experiments.intervention:grid_cell", config)
+    c = tiny_cell("B", "remove", steps=40, eval_every=5, checkpoint_every=10, window=4)
+    config, grok = c.config, c.config["grokking"]
     whole = execute_cell(c, str(tmp_path / "whole"))
     real = SubspaceProjection.on_after_step
 
@@ -172,10 +185,6 @@ def test_an_interrupted_intervention_cell_resumes_from_its_checkpoint_with_the_s
     resumed = execute_cell(c, str(tmp_path / "cut"))
     meta = json.loads((tmp_path / "cut" / "run.json").read_text())
     assert len(meta["resumes"]) == 1  # continued from its step-20 checkpoint, not started over
-
-    def numbers(s):
-        return {k: v for k, v in s.items() if k not in ("wall_time_s", "timings")}
-
     assert numbers(resumed) == numbers(whole)
     # another config in the same directory is never continued: it starts over
     other = Cell(c.name, c.target, {**config, "grokking": {**grok, "seed": 6}})
@@ -189,20 +198,10 @@ def test_an_interrupted_intervention_cell_resumes_from_its_checkpoint_with_the_s
 
 def test_a_finished_intervention_cell_keeps_its_checkpoint_without_the_window(tmp_path, monkeypatch):
     from sed_lens import serialization
-    from sed_lens.grid import Cell, execute_cell
+    from sed_lens.grid import execute_cell
     from sed_lens.hooks.interventions import SubspaceProjection
 
-    grok = {"ops": ["add"], "p": 11, "seed": 5, "wandb_mode": "disabled", "train_frac": 0.8, "init": "tl", "sed": [],
-            "train": {"steps": 24, "batch_size": 64, "eval_every": 4, "checkpoint_every": 8, "grok_acc": 0.99,
-                      "lr": 3e-3, "weight_decay": 0.1}}
-    config = {"condition": "C", "grokking": grok,
-              "projection": {"k": 2, "mode": "keep", "basis": "sed", "apply_to": "gradient", "window": 6,
-                             "warmup": 4, "seed": 5}}
-    c = Cell("C-keep-sed-s5", "sed_lens.experiments.intervention:grid_cell", config)
-
-    def numbers(s):
-        return {k: v for k, v in s.items() if k not in ("wall_time_s", "timings")}
-
+    c = tiny_cell("C", "keep", steps=24, eval_every=4, checkpoint_every=8, window=6, sed=[])
     def tensors(obj):
         if isinstance(obj, torch.Tensor):
             yield obj

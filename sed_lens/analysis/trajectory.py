@@ -52,9 +52,9 @@ from sed_lens.analysis.coupling import centroid_response, perturbation_scale, ra
 from sed_lens.analysis.scan_key import PER_OP, RANDOM, ScanKey, parse_keys
 from sed_lens.analysis.sed import SEDBasis
 from sed_lens.analysis.stream_file import StreamFile
-from sed_lens.analysis.streams import gradient_batch, stream_vectors, task_gradients
+from sed_lens.analysis.streams import capture_offline, gradient_batch, task_gradients
 from sed_lens.analysis.trajectory_bases import BasesFeed, KeyBases
-from sed_lens.configs import ScanConfig
+from sed_lens.configs import SOURCES, ScanConfig
 from sed_lens.errors import SedLensError, check
 from sed_lens.models import model_spec
 from sed_lens.subspace import ParamSubspace
@@ -337,27 +337,18 @@ class TrajectoryScan:
 
     def snapshot_entries(self, seed: int, names: Iterable[str]) -> Iterator[dict[str, Tensor]]:
         """The entries of the streams ``names`` (:meth:`stream_names`) for analysis seed ``seed``, computed snapshot by
-        snapshot: at snapshot i ``{name: entry}`` — the gradient-type entries at snapshot i (on the seed's fixed
-        batch; ``per_op/OP`` on the op's own batch) and the update entry i − 1, θ_i − θ_{i−1} (none at i = 0). The
-        model is left holding snapshot i's weights. The one computation behind every stream mode."""
+        snapshot (:func:`~sed_lens.analysis.streams.capture_offline`, plus the per-op variant): at snapshot i
+        ``{name: entry}`` — the gradient-type entries at snapshot i (on the seed's fixed batch; ``per_op/OP`` on the
+        op's own batch) and the update entry i − 1, θ_i − θ_{i−1} (none at i = 0). The model is left holding snapshot
+        i's weights. The one computation behind every stream mode."""
         cfg, names = self.cfg, set(names)
-        sources = tuple(s for s in ("gradient", "task_gradient")
-                        if s in names or any(n.startswith(f"{s}/") for n in names))
+        sources = tuple(s for s in SOURCES if s in names or any(n.startswith(f"{s}/") for n in names))
         batch = gradient_batch(self.task, cfg.grad_batch_size, cfg.grad_batch_seed + seed, cfg.grad_batch_split)
         per_op = [op for op in self.task.ops if f"per_op/{op}" in names]
         inputs = self.op_inputs(seed) if per_op else {}
-        last: Tensor | None = None
-        for i in range(len(self.snaps)):
-            self._load(i)
-            out: dict[str, Tensor] = {}
-            if "update" in names:
-                w = self.subspace.weights(self.model)
-                if last is not None:
-                    out["update"] = w - last
-                last = w
-            if sources:
-                vecs = stream_vectors(self.model, self.task, self.subspace, batch, sources)
-                out.update({n: v for n, v in vecs.items() if n in names})
+        for i, (_, vecs) in enumerate(capture_offline(self.model, self.task, self.subspace, self.snaps, batch, sources)):
+            self._loaded = i  # capture_offline loaded snapshot i
+            out = {n: v for n, v in vecs.items() if n in names}
             for op in per_op:
                 tokens, labels = inputs[op].batch
                 out[f"per_op/{op}"] = task_gradients(self.model, self.subspace, tokens, {op: labels[op]})[op]

@@ -72,7 +72,6 @@ class BasesFeed:
             self._subscribers.setdefault(kb.stream, []).append((id(kb), sed_pass, snapshot_of))
             self._ready[id(kb)] = {}
             self._wanted[id(kb)] = set(snapshot_of.values())
-        self.steps = 0  # steps of the walk taken so far
 
     def at(self, kb: KeyBases, t: int) -> SEDBasis:
         """The basis of ``kb`` at snapshot ``t`` (once: it is dropped as it is handed out)."""
@@ -89,7 +88,6 @@ class BasesFeed:
             entries = next(self._entries)
         except StopIteration:
             raise SedLensError("the stream entries ended before every SED window was complete.") from None
-        self.steps += 1
         for name, vec in entries.items():
             for kid, sed_pass, snapshot_of in self._subscribers.get(name, ()):
                 for a, basis in sed_pass.push(vec):
