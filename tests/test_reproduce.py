@@ -56,6 +56,14 @@ def test_seeds_option_restricts_every_experiment_and_keeps_the_runs(tmp_path):
     # The one-seed report reads exactly the seed-42 runs of the full reproduction (same names, same configs).
     assert len(one) == 5 + 2 * (5 + 4)
     assert all(full[(str(p), c.name)] == c.config for p, c in one)
+    # So does any other subset: a run's config never depends on which other seeds were asked for (the ablations
+    # stay on add seed 42; with --seeds 137 they once moved onto add-s137, a run the full protocol never has).
+    for seeds in [(137,), (2024, 137), (137, 42)]:
+        some = all_cells(*plan(ReproduceConfig(out=str(tmp_path), seeds=seeds)))
+        assert len(some) == len(seeds) * (4 + 2 * (5 + 4)) + 1  # + the multitask run (--multitask-seeds 42)
+        assert all(full[(str(p), c.name)] == c.config for p, c in some), seeds
+        ablated = [c.name for _, c in some if "scan" in c.config and c.config["scan"]["ablation_windows"]]
+        assert ablated == (["add-s42"] if 42 in seeds else []), seeds
 
 
 def test_help_and_bad_flags(capsys):
