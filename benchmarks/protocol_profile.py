@@ -12,8 +12,11 @@ the runs shared.
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sed_lens.cli import ArgumentParser
 from sed_lens.experiments.reproduction_results import load_results
@@ -48,8 +51,8 @@ def profile(results: str | Path, seed: int | None = None) -> tuple[dict[str, flo
         t["coupling runs: outputs (figures, JSON, W&B)"] += float(tm.get("outputs", 0.0))
         for method, n in tm.get("measured_directions", {}).items():
             dirs[method] += int(n)
-    for r in interventions:
-        t["intervention runs (training to the grok step)"] += r.wall_s
+    for iv in interventions:
+        t["intervention runs (training to the grok step)"] += iv.wall_s
     return dict(t), dict(dirs), len(coupling) + len(interventions)
 
 
@@ -74,20 +77,42 @@ def main() -> None:
         print(f"\nworker time / optimizer steps (interventions counted whole, evals included): {total / steps:.2f}×")
     res = load_results(args.results)
     seeds = sorted({r.seed for r in res.coupling} | {r.seed for r in res.interventions})
-    if len(seeds) > 1:  # later seeds ran on later code: the columns compare before and after
+    if len(seeds) > 1:  # seeds may have run on different code: the table says which
         per = {s: profile(args.results, s) for s in seeds}
-        print("\nPer training seed (each seed's runs ran on the sed_lens of their day; coupling runs differ in what "
-              "they measure: the ablations ride on seed 42):\n")
-        print("| seed | runs | worker h | coupling train | coupling scan | interventions | worker / optimizer steps |")
-        print("|---|---|---|---|---|---|---|")
+        print("\nPer training seed (coupling runs differ in what they measure: the ablations and the multitask run "
+              "ride on seed 42). *code*: the sed_lens commit its runs recorded; *wall span*: first start to last "
+              "finish of its runs, which is the seed's wall time when it ran by itself in one go:\n")
+        print("| seed | runs | code | wall span | worker h | coupling train | coupling scan | interventions "
+              "| worker / optimizer steps |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for s_, (tm, _, k) in per.items():
             tot = sum(tm.values())
             st = sum(tm.get(ph, 0.0) for ph in STEP_PHASES)
             train = sum(v for ph, v in tm.items() if ph.startswith("coupling runs:") and "outputs" not in ph)
             scan = sum(v for ph, v in tm.items() if ph.startswith("scan:"))
             iv = tm.get(STEP_PHASES[1], 0.0)
-            print(f"| {s_} | {k} | {tot / 3600:.2f} | {train:.0f} | {scan:.0f} | {iv:.0f} | "
-                  f"{tot / st:.2f}× |" if st else f"| {s_} | {k} | {tot / 3600:.2f} | {train:.0f} | {scan:.0f} | {iv:.0f} | — |")
+            provs = [r.provenance for r in res.coupling if r.seed == s_]
+            provs += [r.provenance for r in res.interventions if r.seed == s_]
+            code, span = code_of(provs), wall_span(provs)
+            print(f"| {s_} | {k} | {code} | {f'{span / 60:.0f} min' if span is not None else '—'} | {tot / 3600:.2f} "
+                  f"| {train:.0f} | {scan:.0f} | {iv:.0f} | {f'{tot / st:.2f}×' if st else '—'} |")
+
+
+def code_of(provenances: Sequence[Mapping[str, Any]]) -> str:
+    """The sed_lens commits a set of runs recorded, with how many runs each (``not recorded``: results kept
+    before the grid recorded provenance)."""
+    counts = Counter(p.get("sed_lens_commit") or "not recorded" for p in provenances)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{c} ({n})" for c, n in counts.most_common())
+
+
+def wall_span(provenances: Sequence[Mapping[str, Any]]) -> float | None:
+    """Seconds from the first start to the last finish of a set of runs (None unless every run recorded both)."""
+    if not provenances or not all(p.get("started") and p.get("finished") for p in provenances):
+        return None
+    when = [datetime.strptime(p[k], "%Y-%m-%dT%H:%M:%SZ") for p in provenances for k in ("started", "finished")]
+    return (max(when) - min(when)).total_seconds()
 
 
 if __name__ == "__main__":

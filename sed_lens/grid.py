@@ -2,12 +2,14 @@
 
 A :class:`Cell` names a directory under the grid's root, an importable function ``"module:function"`` and a
 JSON-able config; the function is called as ``fn(config, run_dir)`` and returns a JSON-able summary. When it
-returns, the grid writes ``RUN_DIR/cell.json`` (config + summary): a cell with that file is complete and is
-skipped by the next :func:`run_grid` over the same root. A cell directory without it (an interrupted run) is
-cleared and run again — unless the target is *resumable* (:func:`resumable`: it carries ``resumable = True``),
-in which case the directory is left as it is and the target continues what it finds there (a coupling cell
-resumes training from its last checkpoint and its scan from the responses it already measured). A finished cell
-whose config differs is an error (its run is never deleted silently) unless the caller passes ``changed="rerun"``.
+returns, the grid writes ``RUN_DIR/cell.json`` (config + summary + provenance: the sed_lens commit and version, the
+torch version, the PyTorch threads, and when the run — its last attempt, for a resumed run — started and finished,
+in UTC): a cell with that file is complete and is skipped by the next :func:`run_grid` over the same root. A cell
+directory without it (an interrupted run) is cleared and run again — unless the target is *resumable*
+(:func:`resumable`: it carries ``resumable = True``), in which case the directory is left as it is and the target
+continues what it finds there (a coupling cell resumes training from its last checkpoint and its scan from the
+responses it already measured). A finished cell whose config differs is an error (its run is never deleted
+silently) unless the caller passes ``changed="rerun"``.
 
 Backends: ``"local"`` runs cells in a pool of ``workers`` processes (default: one per core) or, with
 ``workers=1``, in this process; ``"ray"`` sends each cell to a Ray cluster (``pip install "sed-lens[distributed]"``).
@@ -33,6 +35,7 @@ import traceback
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ from tqdm.auto import tqdm
 
 from sed_lens.configs import BACKENDS
 from sed_lens.errors import SedLensError, check
-from sed_lens.tracking import to_jsonable, write_json
+from sed_lens.tracking import git_commit, package_version, to_jsonable, write_json
 
 MARKER = "cell.json"
 
@@ -122,14 +125,22 @@ def execute_cell(cell: Cell, run_dir: str, threads: int | None = 1) -> dict[str,
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    started = utc_now()
     try:
         summary = target(dict(cell.config), run_dir)
     finally:
         torch.set_num_threads(before)
     summary = to_jsonable(summary if summary is not None else {})
+    provenance = {"sed_lens_commit": git_commit(), "sed_lens_version": package_version(), "torch": torch.__version__,
+                  "threads": threads or before, "started": started, "finished": utc_now()}
     write_json(path / MARKER, {"name": cell.name, "target": cell.target, "config": to_jsonable(cell.config),
-                               "summary": summary})
+                               "summary": summary, "provenance": provenance})
     return summary
+
+
+def utc_now() -> str:
+    """Now, in UTC, as ISO 8601 to the second (``2026-12-02T06:03:05Z``): when a cell started and finished."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def die_with_parent(parent: int) -> None:

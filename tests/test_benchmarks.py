@@ -48,15 +48,23 @@ def test_protocol_profile_adds_up_the_runs_own_timings(tmp_path):
     assert times["scan: other (bookkeeping, loading snapshots)"] == 200.0 - 195.0
     assert sum(times.values()) == 300.0 + 200.0 + 1.0 + 60.0
     # a second training seed: per-seed profiles, and a table that compares them
-    (tmp_path / "i137.json").write_text(json.dumps(intervention_cell("add", 137, "C", "gradient", 700)))
-    assert profile(tmp_path, 42)[0] == times and profile(tmp_path, 137)[2] == 1
-    assert profile(tmp_path, 137)[0] == {"intervention runs (training to the grok step)": 60.0}
+    late = intervention_cell("add", 137, "C", "gradient", 700)
+    late["provenance"] = {"sed_lens_commit": "abc1234", "started": "2026-12-02T06:00:00Z",
+                          "finished": "2026-12-02T06:01:00Z"}
+    (tmp_path / "i137.json").write_text(json.dumps(late))
+    first = intervention_cell("add", 137, "A", "gradient", 600)
+    first["provenance"] = {"sed_lens_commit": "abc1234", "started": "2026-12-02T05:50:00Z",
+                           "finished": "2026-12-02T05:59:00Z"}
+    (tmp_path / "a137.json").write_text(json.dumps(first))
+    assert profile(tmp_path, 42)[0] == times and profile(tmp_path, 137)[2] == 2
+    assert profile(tmp_path, 137)[0] == {"intervention runs (training to the grok step)": 120.0}
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-m", "benchmarks.protocol_profile", "--results", str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout
-    assert "| 42 | 2 |" in out and "| 137 | 1 |" in out
+    # which code each seed ran on, and its wall span (first start to last finish) where every run recorded it
+    assert "| 42 | 2 | not recorded | — |" in out and "| 137 | 2 | abc1234 | 11 min |" in out
 
 
 def test_run_all_only_reruns_the_named_benchmarks_and_keeps_the_other_sections(tmp_path, monkeypatch):

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from sed_lens.experiments.reproduction_report import claim_numbers, output_secti
 from sed_lens.experiments.reproduction_results import load_results
 from sed_lens.grid import Cell, CellResult, raise_failures, run_grid, same_config
 from sed_lens.rendering import Section, json_has
-from sed_lens.tracking import atomic_write_bytes, write_json
+from sed_lens.tracking import atomic_write_bytes, git_commit, write_json
 
 
 @dataclass(kw_only=True)
@@ -226,14 +225,8 @@ def versions() -> dict[str, str]:
         tl_version = version("transformer-lens")
     except PackageNotFoundError:
         tl_version = "unknown"
-    commit = "unknown"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        pass
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformer_lens": tl_version, "sed_lens_commit": commit,
+            "transformer_lens": tl_version, "sed_lens_commit": git_commit() or "unknown",
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ class CouplingRun:
     scans: dict[str, dict[int, dict[str, Any]]]  # length → analysis seed → compact scan, series and summary typed
     history: dict[str, list[Any]]
     timings: dict[str, Any]
+    provenance: dict[str, Any] = field(default_factory=dict)  # commit, versions, start, end ({} if not recorded)
 
     @property
     def multitask(self) -> bool:
@@ -143,6 +144,7 @@ class InterventionRun:
     steps: int
     history: dict[str, list[Any]]
     wall_s: float
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def grok_or_last(self) -> float:
@@ -220,14 +222,15 @@ def _coupling(path: Path, data: dict[str, Any]) -> CouplingRun:
         # stop-rule run already is the post-grok run.
         scans["post_grok"] = scans["stop_rule"]
     return CouplingRun(path, tuple(g["ops"]), int(g["seed"]), data["config"], s["train"], scans, s.get("history", {}),
-                       s.get("timings", {}))
+                       s.get("timings", {}), data.get("provenance", {}))
 
 
 def _intervention(path: Path, data: dict[str, Any]) -> InterventionRun:
     c, s = data["config"], data["summary"]
     return InterventionRun(path, c["grokking"]["ops"][0], int(c["grokking"]["seed"]), c["condition"],
                            c["projection"]["apply_to"], s.get("grok_step", {}).get(c["grokking"]["ops"][0]),
-                           int(s["steps"]), s.get("history", {}), float(s.get("wall_time_s", 0.0)))
+                           int(s["steps"]), s.get("history", {}), float(s.get("wall_time_s", 0.0)),
+                           data.get("provenance", {}))
 
 
 def load_results(directory: str | Path) -> Results:
