@@ -22,7 +22,9 @@ def test_full_plan_is_the_papers_protocol(tmp_path):
     # 12 single-task + 1 multitask coupling runs; per op 5 conditions x 3 seeds by gradient projection and the
     # 4 non-control conditions by update projection (the control is shared between the two methods).
     assert len(cells) == 13 + 2 * (15 + 12)
-    assert names[:2] == ["add-s42", "sub-s42"] and names[4] == "multitask-s42"
+    # longest first within a seed: the multitask run, then the coupling run carrying the ablations
+    assert names[:3] == ["multitask-s42", "add-s42", "sub-s42"] and "ablation_windows" in cells[1][1].config["scan"]
+    assert cells[1][1].config["scan"]["ablation_windows"] and not cells[2][1].config["scan"]["ablation_windows"]
     assert len({(str(p), c.name) for p, c in cells}) == len(cells)
     # Seed by seed: every run of seed 42 before any of 137, and those before 2024.
     seeds = [c.config["grokking"]["seed"] for _, c in cells]

@@ -134,10 +134,11 @@ def all_cells(coupling: coupling_exp.CouplingConfig,
               interventions: Sequence[intervention_exp.InterventionConfig]) -> list[tuple[Path, Cell]]:
     """Every run of the reproduction with the directory it belongs in: seed by seed (every run of the first seed,
     then of the next, so an interrupted reproduction has complete experiments for its finished seeds), and
-    within a seed the single-task coupling runs (the one carrying the ablations first), the multitask run, then the
-    intervention conditions that train longest: the headline runs finish first when time is short (a session, a
-    job's time limit), and the short intervention runs fill the workers at the end. The control runs of an op are
-    listed once: the other projection method's grid gets a copy (:func:`share_controls`)."""
+    within a seed longest first: the multitask run (alone ≈ 40 % of seed 42's worker time, so started last it
+    would leave the other worker idle at the end), the single-task coupling runs (the one carrying the ablations
+    first), then the intervention conditions that train longest: the headline runs finish first when time is short
+    (a session, a job's time limit), and the short intervention runs fill the workers at the end. The control runs
+    of an op are listed once: the other projection method's grid gets a copy (:func:`share_controls`)."""
     cells = [(Path(coupling.out) / "cells", c) for c in coupling_exp.cells(coupling)]
     seen_controls: set[str] = set()
     for iv in interventions:
@@ -158,7 +159,7 @@ def all_cells(coupling: coupling_exp.CouplingConfig,
         if "scan" in c.config:
             multitask = len(c.config["grokking"]["ops"]) > 1
             ablation = bool(c.config["scan"]["ablation_windows"] or c.config["scan"]["ablation_eps"])
-            kind = 1 if multitask else 0 if ablation else 0.5
+            kind = -1 if multitask else 0 if ablation else 0.5
         else:
             kind = 2 if c.config["condition"] in ("A", "B", "D") else 3
         return seed_order[int(c.config["grokking"]["seed"])], kind
