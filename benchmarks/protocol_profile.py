@@ -20,6 +20,7 @@ from typing import Any
 
 from sed_lens.cli import ArgumentParser
 from sed_lens.experiments.reproduction_results import load_results
+from sed_lens.grid import PROVENANCE_TIME
 
 
 def profile(results: str | Path, seed: int | None = None) -> tuple[dict[str, float], dict[str, int], int]:
@@ -111,7 +112,7 @@ def wall_span(provenances: Sequence[Mapping[str, Any]]) -> float | None:
     """Seconds from the first start to the last finish of a set of runs (None unless every run recorded both)."""
     if not provenances or not all(p.get("started") and p.get("finished") for p in provenances):
         return None
-    when = [datetime.strptime(p[k], "%Y-%m-%dT%H:%M:%SZ") for p in provenances for k in ("started", "finished")]
+    when = [datetime.strptime(p[k], PROVENANCE_TIME) for p in provenances for k in ("started", "finished")]
     return (max(when) - min(when)).total_seconds()
 
 

@@ -138,9 +138,13 @@ def execute_cell(cell: Cell, run_dir: str, threads: int | None = 1) -> dict[str,
     return summary
 
 
+PROVENANCE_TIME = "%Y-%m-%dT%H:%M:%SZ"
+"""How ``cell.json``'s provenance writes when a cell started and finished: UTC, ISO 8601 to the second."""
+
+
 def utc_now() -> str:
-    """Now, in UTC, as ISO 8601 to the second (``2026-12-02T06:03:05Z``): when a cell started and finished."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Now, in UTC, as :data:`PROVENANCE_TIME` writes it (``2026-12-02T06:03:05Z``)."""
+    return datetime.now(UTC).strftime(PROVENANCE_TIME)
 
 
 def die_with_parent(parent: int) -> None:

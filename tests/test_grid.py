@@ -13,7 +13,7 @@ import torch
 
 from sed_lens.errors import SedLensError
 from sed_lens.experiments.grokking import TRACKING_KEYS
-from sed_lens.grid import Cell, is_complete, raise_failures, resumable, run_grid
+from sed_lens.grid import PROVENANCE_TIME, Cell, is_complete, raise_failures, resumable, run_grid
 from sed_lens.tracking import git_commit
 
 TARGET = "sed_lens.experiments.grokking:grid_cell"
@@ -34,7 +34,7 @@ def test_local_grid_runs_cells_skips_complete_ones_and_reruns_interrupted(tmp_pa
     assert saved["config"]["seed"] == 0 and saved["summary"] == first[0].summary
     prov = saved["provenance"]  # which code made the numbers, and when: what a kept result cannot say otherwise
     assert prov["sed_lens_commit"] == git_commit() and prov["torch"] == torch.__version__ and prov["threads"] == 1
-    started, finished = (datetime.strptime(prov[k], "%Y-%m-%dT%H:%M:%SZ") for k in ("started", "finished"))
+    started, finished = (datetime.strptime(prov[k], PROVENANCE_TIME) for k in ("started", "finished"))
     assert started <= finished and abs(time.time() - finished.replace(tzinfo=UTC).timestamp()) < 120
     (tmp_path / "s1" / "cell.json").unlink()  # as if s1 had been killed before finishing
     second = run_grid(cells, tmp_path, workers=1, progress=False)
