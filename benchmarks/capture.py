@@ -48,7 +48,7 @@ def per_op_options(reps: int) -> dict[str, float]:
             torch.autograd.grad(F.cross_entropy(logits[op], labels[op]), params)
 
     def plain() -> None:
-        torch.autograd.grad(sum(losses()), params)
+        torch.autograd.grad(torch.stack(losses()).sum(), params)
 
     ref = task_gradients(model, S, tokens, labels)
     ls = torch.stack(losses())

@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -22,7 +22,7 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int = 5, inner: int = 20,
+def interleaved(fns: Mapping[str, Callable[[], object]], reps: int = 5, inner: int = 20,
                 warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each function, measured round-robin so drift hits all alike."""
     for fn in fns.values():

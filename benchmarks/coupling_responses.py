@@ -23,6 +23,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ from transformer_lens import HookedTransformer
 from benchmarks.common import machine
 from sed_lens.analysis.centroids import CentroidMap
 from sed_lens.analysis.coupling import (
+    Probes,
     _fd_sq,
     _fd_sq_batched,
     _hvp_sq,
@@ -46,7 +48,7 @@ from sed_lens.tasks import ModularArithmetic
 from sed_lens.training import TrainConfig, Trainer
 
 
-def responses(model: HookedTransformer, S: ParamSubspace, dirs: Tensor, probes: tuple[Tensor, Tensor], method: str,
+def responses(model: HookedTransformer, S: ParamSubspace, dirs: Tensor, probes: Probes, method: str,
               variant: str, per_call: int = 1, eps_rel: float = 0.005) -> Tensor:
     """A(v) of every direction (all probes in one pass) by ``variant``: "old", "new" or "forced"."""
     if variant == "new":
@@ -102,11 +104,11 @@ def main() -> None:
     for method in args.methods.split(","):
         auto = directions_per_call(method, 8, args.probes, model_device(model))
         fns: dict[str, Callable[[], Tensor]] = {
-            "old": lambda m=method: responses(model, S, dirs, probes, m, "old"),
-            "new": lambda m=method: responses(model, S, dirs, probes, m, "new"),
+            "old": partial(responses, model, S, dirs, probes, method, "old"),
+            "new": partial(responses, model, S, dirs, probes, method, "new"),
         }
         for k in ks:
-            fns[f"{k} per call"] = lambda m=method, k=k: responses(model, S, dirs, probes, m, "forced", k)
+            fns[f"{k} per call"] = partial(responses, model, S, dirs, probes, method, "forced", k)
         t, values = round_robin(fns, args.reps)
         ref = values["old"].double()
         for name in fns:

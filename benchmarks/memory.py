@@ -24,7 +24,8 @@ from sed_lens.training import Callback, TrainConfig, Trainer
 
 class RSS(Callback):
     def __init__(self, every: int) -> None:
-        self.every, self.samples = every, []
+        self.every = every
+        self.samples: list[tuple[int, int]] = []
         self.proc = psutil.Process()
 
     def on_after_step(self, trainer: Trainer) -> None:

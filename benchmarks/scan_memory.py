@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import machine
 from sed_lens.cli import ArgumentParser
@@ -79,7 +80,7 @@ def worker(snapshots: Path, ops: list[str], measured: int, streams: str) -> dict
     multitask = len(ops) > 1
     # as the reproduction scans them: the multitask run with the per-op variant, a single-task run (seed 42's, the
     # heaviest) with the window and ε ablations too — its W = 40 windows are the ones that hold bases longest
-    ablations = {} if multitask else {"ablation_windows": (1, 2, 5, 10, 20, 40), "ablation_eps": (0.001, 0.005, 0.05)}
+    ablations: dict[str, Any] = {} if multitask else {"ablation_windows": (1, 2, 5, 10, 20, 40), "ablation_eps": (0.001, 0.005, 0.05)}
     cfg = ScanConfig(n_snapshots=30 if multitask else 40, fd_compare=True, per_op_inputs=multitask, **ablations)
     scan = TrajectoryScan(model, task, store, cfg, progress=False, streams=streams)
     if not scan.live:
