@@ -27,6 +27,8 @@ SECTIONS = [
      ["--reps", "1", "--train-steps", "50"]),
     ("Centroid responses: one direction at a time vs vectorised over directions", "benchmarks.coupling_responses",
      ["--reps", "1", "--train-steps", "10", "--probes", "128"]),
+    ("One exact centroid response (hvp), op by op", "benchmarks.hvp_profile",
+     ["--directions", "2", "--reps", "1", "--train-steps", "10", "--probes", "128"]),
     ("Memory: an 8,000-step streaming run vs a checkpoint every 25 steps", "benchmarks.memory", ["--steps", "1000"]),
     ("Memory and disk of a coupling scan: stream vectors in memory, in files or live", "benchmarks.scan_memory",
      ["--snapshots", "30", "--multitask-snapshots", "0"]),

@@ -81,3 +81,24 @@ def test_run_all_only_reruns_the_named_benchmarks_and_keeps_the_other_sections(t
     monkeypatch.setattr(sys, "argv", ["run_all", "--out", str(out), "--only", "benchmarks.nope"])
     with pytest.raises(SystemExit):
         run_all.main()
+
+
+def test_hvp_profile_times_every_op_and_counts_matmul_flops_by_hand():
+    import torch
+
+    from benchmarks.hvp_profile import GROUPS, OpTimer, grouped
+
+    a, b, bias = torch.randn(6, 4), torch.randn(4, 5), torch.randn(5)
+    x, y = torch.randn(3, 2, 7), torch.randn(3, 7, 2)
+    with OpTimer() as timer:
+        a @ b
+        torch.addmm(bias, a, b)
+        torch.bmm(x, y)
+        (a * 2).neg()
+        a.sum()
+    g = grouped(timer)
+    dense, batched, elementwise, _, reductions, _ = (g[k] for k in GROUPS)
+    assert dense[1] == 2 and dense[2] == 2 * (2 * 6 * 4 * 5)
+    assert batched[1] == 1 and batched[2] == 2 * 3 * 2 * 7 * 2
+    assert elementwise[1] == 2 and elementwise[2] == 0 and reductions[1] == 1
+    assert all(v[0] >= 0 for v in g.values()) and sum(v[0] for v in g.values()) > 0
