@@ -143,3 +143,19 @@ def test_only_selects_runs_by_name_pattern_in_plan_order(tmp_path, capsys):
         select(grid, ["coupling/cells/div-s42"])
     code = run_cli(reproduce.main, ["--only", "nope", "--out", str(root), "--wandb-mode", "disabled"])
     assert code == 2 and "matches no run" in capsys.readouterr().err
+
+
+def test_compile_option_compiles_every_runs_training_and_leaves_the_eager_configs_as_they_were(tmp_path):
+    eager = {c.name: c.config for _, c in all_cells(*plan(ReproduceConfig(out=str(tmp_path))))}
+    compiled = {c.name: c.config for _, c in all_cells(*plan(ReproduceConfig(out=str(tmp_path), compile=True)))}
+    assert compiled.keys() == eager.keys()
+    for name, config in compiled.items():
+        train = config["grokking"]["train"]
+        assert train["compile"] is True, name
+        # an eager run's config does not name the option (kept results made before it existed still match) …
+        assert "compile" not in json.dumps(eager[name]), name
+        # … and differs from the compiled run's in that option only
+        train.pop("compile")
+        assert config == eager[name], name
+    quick_coupling, quick_interventions = plan(ReproduceConfig(out=str(tmp_path), quick=True, compile=True))
+    assert quick_coupling.train.compile and all(iv.train.compile for iv in quick_interventions)

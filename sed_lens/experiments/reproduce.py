@@ -64,6 +64,12 @@ class ReproduceConfig(TrackingOptions, GridOptions):
         "help": "keep each run's compact results (its cell.json: config and every number the report uses) here as "
                 "soon as it finishes, and restore finished runs from here (default: OUT/results; the repository's "
                 "are in docs/reproduction/runs)"})
+    compile: bool = field(default=False, metadata={
+        "help": "compile every run's training step with torch.compile (the experiments' --compile; needs a C++ "
+                "compiler): faster steps after a one-off compile cached on disk, reruns bit-identical, but a compiled "
+                "run rounds differently from an eager one, so it is another run of the protocol — its config says so, "
+                "kept results of eager runs (the repository's) are not restored for it, and with --results pointing "
+                "at them it replaces them as it finishes"})
 
     def validate(self) -> None:
         """The pieces' checks (tracking, grid), then the seeds (the experiments' configs check the rest as
@@ -101,14 +107,15 @@ def plan(cfg: ReproduceConfig) -> tuple[coupling_exp.CouplingConfig, list[interv
         # 2,000 steps and a control that has not grokked counts as a lower bound (speedups are then lower bounds).
         scan = ScanConfig(n_snapshots=6, n_probes=128, n_random=8, window=10, analysis_seeds=2, fd_compare=True,
                           per_op_inputs=True)
-        train = TrainConfig(steps=2500, batch_size=256, stop_patience=4, post_grok_steps=post_grok_steps(scan, 25))
+        train = TrainConfig(steps=2500, batch_size=256, stop_patience=4, post_grok_steps=post_grok_steps(scan, 25),
+                            compile=cfg.compile)
         coupling = coupling_exp.CouplingConfig(
             ops=("add",), seeds=(42,), multitask=True, multitask_ops=("add", "mul"), multitask_seeds=(42,),
             window_ablation=True, eps_ablation=True, p=31, init="tl", train=train, scan=scan,
             multitask_snapshots=6, artifacts=False, out=str(out / "coupling"), **common)
         interventions = [intervention_exp.InterventionConfig(
             op="add", seeds=(42,), method="gradient", p=59, init="torch", conditions=("A", "C", "E"),
-            train=intervention_exp.InterventionTrainConfig(steps=2000),
+            train=intervention_exp.InterventionTrainConfig(steps=2000, compile=cfg.compile),
             out=str(out / "intervention" / "add-gradient"), **common)]
         return coupling, interventions
     # artifacts_at="peaks": a finished run keeps the artifacts of its reported values only (disk, not numbers).
@@ -122,9 +129,11 @@ def plan(cfg: ReproduceConfig) -> tuple[coupling_exp.CouplingConfig, list[interv
                                            window_ablation=ablate, eps_ablation=ablate, ablation_op="add",
                                            ablation_seed=ABLATION_SEED, artifacts_at="peaks",
                                            out=str(out / "coupling"),
-                                           train=TrainConfig(post_grok_steps=post_grok_steps(scan, 25)), scan=scan,
+                                           train=TrainConfig(post_grok_steps=post_grok_steps(scan, 25),
+                                                             compile=cfg.compile), scan=scan,
                                            **common)
     interventions = [intervention_exp.InterventionConfig(op=op, method=m, seeds=cfg.seeds,
+                                                         train=intervention_exp.InterventionTrainConfig(compile=cfg.compile),
                                                          out=str(out / "intervention" / f"{op}-{m}"), **common)
                      for op in ("add", "mul") for m in ("gradient", "update")]
     return coupling, interventions
