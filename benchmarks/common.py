@@ -10,16 +10,12 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from sed_lens.devices import cpu_capability, cpu_model
+
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
+    return (f"{cpu_model()} ({cpu_capability()} kernels), {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
 def interleaved(fns: Mapping[str, Callable[[], object]], reps: int = 5, inner: int = 20,

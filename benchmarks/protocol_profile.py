@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -81,11 +81,12 @@ def main() -> None:
     if len(seeds) > 1:  # seeds may have run on different code: the table says which
         per = {s: profile(args.results, s) for s in seeds}
         print("\nPer training seed (coupling runs differ in what they measure: the ablations and the multitask run "
-              "ride on seed 42). *code*: the sed_lens commit its runs recorded; *wall span*: first start to last "
+              "ride on seed 42). *code*, *CPU*: the sed_lens commit and the CPU (with the SIMD level of PyTorch's kernels) its runs "
+              "recorded; *wall span*: first start to last "
               "finish of its runs, which is the seed's wall time when it ran by itself in one go:\n")
-        print("| seed | runs | code | wall span | worker h | coupling train | coupling scan | interventions "
+        print("| seed | runs | code | CPU | wall span | worker h | coupling train | coupling scan | interventions "
               "| worker / optimizer steps |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for s_, (tm, _, k) in per.items():
             tot = sum(tm.values())
             st = sum(tm.get(ph, 0.0) for ph in STEP_PHASES)
@@ -95,17 +96,29 @@ def main() -> None:
             provs = [r.provenance for r in res.coupling if r.seed == s_]
             provs += [r.provenance for r in res.interventions if r.seed == s_]
             code, span = code_of(provs), wall_span(provs)
-            print(f"| {s_} | {k} | {code} | {f'{span / 60:.0f} min' if span is not None else '—'} | {tot / 3600:.2f} "
+            print(f"| {s_} | {k} | {code} | {cpu_of(provs)} | {f'{span / 60:.0f} min' if span is not None else '—'} | {tot / 3600:.2f} "
                   f"| {train:.0f} | {scan:.0f} | {iv:.0f} | {f'{tot / st:.2f}×' if st else '—'} |")
 
 
 def code_of(provenances: Sequence[Mapping[str, Any]]) -> str:
     """The sed_lens commits a set of runs recorded, with how many runs each (``not recorded``: results kept
     before the grid recorded provenance)."""
-    counts = Counter(p.get("sed_lens_commit") or "not recorded" for p in provenances)
+    return counted(p.get("sed_lens_commit") for p in provenances)
+
+
+def cpu_of(provenances: Sequence[Mapping[str, Any]]) -> str:
+    """The CPUs a set of runs recorded (model and kernel level), with how many runs each (``not recorded``: results
+    kept before the grid recorded the CPU)."""
+    return counted(f"{p['cpu']} ({p.get('cpu_capability') or '?'})" if p.get("cpu") else None for p in provenances)
+
+
+def counted(values: Iterable[str | None]) -> str:
+    """One value if all agree, else each with its count, most common first, ties by name (None reads ``not
+    recorded``)."""
+    counts = Counter(v or "not recorded" for v in values)
     if len(counts) == 1:
         return next(iter(counts))
-    return ", ".join(f"{c} ({n})" for c, n in counts.most_common())
+    return ", ".join(f"{c} ({n})" for c, n in sorted(counts.items(), key=lambda cn: (-cn[1], cn[0])))
 
 
 def wall_span(provenances: Sequence[Mapping[str, Any]]) -> float | None:

@@ -18,6 +18,27 @@ if TYPE_CHECKING:  # torch is imported when a function runs, so the CLIs parse f
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``), or ``"unknown CPU"``."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def cpu_capability() -> str:
+    """The SIMD level PyTorch's CPU kernels run at on this machine (``torch.backends.cpu.get_cpu_capability()``, e.g.
+    ``"AVX2"``, ``"AVX512"``). Kernels of another level (and BLAS code paths of another CPU) sum in another order, so
+    a rerun is bit-identical only on a CPU of the same kind; a grokking trajectory amplifies that rounding into a
+    different run (``docs/REPRODUCTION.md``, "Same code, same seed, another CPU")."""
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
 def mps_available() -> bool:
     import torch
 

@@ -3,8 +3,9 @@
 A :class:`Cell` names a directory under the grid's root, an importable function ``"module:function"`` and a
 JSON-able config; the function is called as ``fn(config, run_dir)`` and returns a JSON-able summary. When it
 returns, the grid writes ``RUN_DIR/cell.json`` (config + summary + provenance: the sed_lens commit and version, the
-torch version, the PyTorch threads, and when the run — its last attempt, for a resumed run — started and finished,
-in UTC): a cell with that file is complete and is skipped by the next :func:`run_grid` over the same root. A cell
+torch version, the PyTorch threads, the CPU and the SIMD level of its kernels, and when the run — its last
+attempt, for a resumed run — started and finished, in UTC): a cell with that file is complete and is skipped
+by the next :func:`run_grid` over the same root. A cell
 directory without it (an interrupted run) is cleared and run again — unless the target is *resumable*
 (:func:`resumable`: it carries ``resumable = True``), in which case the directory is left as it is and the target
 continues what it finds there (a coupling cell resumes training from its last checkpoint and its scan from the
@@ -43,6 +44,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from sed_lens.configs import BACKENDS
+from sed_lens.devices import cpu_capability, cpu_model
 from sed_lens.errors import SedLensError, check
 from sed_lens.tracking import git_commit, package_version, to_jsonable, write_json
 
@@ -132,7 +134,8 @@ def execute_cell(cell: Cell, run_dir: str, threads: int | None = 1) -> dict[str,
         torch.set_num_threads(before)
     summary = to_jsonable(summary if summary is not None else {})
     provenance = {"sed_lens_commit": git_commit(), "sed_lens_version": package_version(), "torch": torch.__version__,
-                  "threads": threads or before, "started": started, "finished": utc_now()}
+                  "threads": threads or before, "cpu": cpu_model(), "cpu_capability": cpu_capability(),
+                  "started": started, "finished": utc_now()}
     write_json(path / MARKER, {"name": cell.name, "target": cell.target, "config": to_jsonable(cell.config),
                                "summary": summary, "provenance": provenance})
     return summary

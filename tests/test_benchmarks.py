@@ -49,8 +49,8 @@ def test_protocol_profile_adds_up_the_runs_own_timings(tmp_path):
     assert sum(times.values()) == 300.0 + 200.0 + 1.0 + 60.0
     # a second training seed: per-seed profiles, and a table that compares them
     late = intervention_cell("add", 137, "C", "gradient", 700)
-    late["provenance"] = {"sed_lens_commit": "abc1234", "started": "2026-12-02T06:00:00Z",
-                          "finished": "2026-12-02T06:01:00Z"}
+    late["provenance"] = {"sed_lens_commit": "abc1234", "cpu": "Chip X", "cpu_capability": "AVX2",
+                          "started": "2026-12-02T06:00:00Z", "finished": "2026-12-02T06:01:00Z"}
     (tmp_path / "i137.json").write_text(json.dumps(late))
     first = intervention_cell("add", 137, "A", "gradient", 600)
     first["provenance"] = {"sed_lens_commit": "abc1234", "started": "2026-12-02T05:50:00Z",
@@ -64,7 +64,8 @@ def test_protocol_profile_adds_up_the_runs_own_timings(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.protocol_profile", "--results", str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout
     # which code each seed ran on, and its wall span (first start to last finish) where every run recorded it
-    assert "| 42 | 2 | not recorded | — |" in out and "| 137 | 2 | abc1234 | 11 min |" in out
+    assert "| 42 | 2 | not recorded | not recorded | — |" in out
+    assert "| 137 | 2 | abc1234 | Chip X (AVX2) (1), not recorded (1) | 11 min |" in out
 
 
 def test_run_all_only_reruns_the_named_benchmarks_and_keeps_the_other_sections(tmp_path, monkeypatch):

@@ -34,6 +34,8 @@ def test_local_grid_runs_cells_skips_complete_ones_and_reruns_interrupted(tmp_pa
     assert saved["config"]["seed"] == 0 and saved["summary"] == first[0].summary
     prov = saved["provenance"]  # which code made the numbers, and when: what a kept result cannot say otherwise
     assert prov["sed_lens_commit"] == git_commit() and prov["torch"] == torch.__version__ and prov["threads"] == 1
+    # the CPU: a rerun is bit-identical only on a CPU whose kernels round the same way
+    assert prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and prov["cpu"]
     started, finished = (datetime.strptime(prov[k], PROVENANCE_TIME) for k in ("started", "finished"))
     assert started <= finished and abs(time.time() - finished.replace(tzinfo=UTC).timestamp()) < 120
     (tmp_path / "s1" / "cell.json").unlink()  # as if s1 had been killed before finishing
