@@ -287,3 +287,45 @@ def test_the_runs_table_lists_runs_by_op_then_numeric_seed(results_dir):
     write_cell(results_dir, "coupling/cells/add-s2024", coupling_cell("add", 2024, 130.0, 8.0, 250.0))
     rows = run_table(load_results(results_dir))[0].rows
     assert [(r[0], r[1]) for r in rows] == [("add", "42"), ("add", "137"), ("add", "2024"), ("mul", "42")]
+
+
+def test_a_replicate_is_set_beside_the_main_results_number_by_number(results_dir, tmp_path):
+    from sed_lens.experiments.reproduction_replicates import load_replicates, replicates_blocks
+
+    rep = tmp_path / "replicates" / "other-cpu"
+    moved = coupling_cell("add", 42, 132.0, 8.0, 260.0)  # gradient SED peak 120 → 132 (+10 %), update unchanged
+    moved["provenance"] = {"cpu": "Chip Y", "cpu_capability": "AVX2"}
+    write_cell(rep, "coupling/cells/add-s42", moved)
+    for name, cell in {"A-s42": intervention_cell("add", 42, "A", "gradient", 3000),
+                       "C-s42": intervention_cell("add", 42, "C", "gradient", 1100),
+                       "C-s999": intervention_cell("add", 999, "C", "gradient", 700)}.items():  # s999: unmatched
+        write_cell(rep, f"intervention/add-gradient/{name}", {**cell, "provenance": moved["provenance"]})
+    blocks = replicates_blocks(load_results(results_dir), load_replicates(tmp_path / "replicates"))
+    text = texts(blocks)
+    assert "Replicate `other-cpu`" in text and "3 runs of training seed 42 rerun with the same configs on Chip Y (AVX2)" in text
+    assert "the main results' runs of that seed: not recorded" in text and "1 of 3 runs give the same numbers" in text
+    # by hand: 132 / 120 − 1 = 10 %; training seeds of add: sd(120, 150) / 135 = 15.7 %; the analysis seeds of
+    # add-s42 (120, 132, 108): sd 12 / mean 120 = 10 %; the grok steps are equal
+    assert "Peak R̄, gradient SED: changed by a median 10 % (largest 10 %); over the main results' training seeds it " \
+           "varies by a median coefficient of variation of 16 % per op, over one run's analysis seeds by 10 %." in text
+    assert "Peak R̄, update SED: changed by a median 0.0 %" in text and "Grok step: changed by a median 0.0 %" in text
+    assert "Intervention grok steps: changed by a median 5.0 % (largest 10 %)" in text  # A: 0 %, C: 1000 → 1100
+    coupling_rows, iv_rows = (b.rows for b in blocks if hasattr(b, "rows"))
+    assert coupling_rows == [["add s42", "900 (same)", "1500 (same)", "120.0 → 132.0", "8.0 (same)", "15.0 → 16.5"]]
+    assert iv_rows == [["add", "A", "42", "3000 (same)", "— (same)"],
+                       ["add-gradient", "C", "42", "1000 → 1100", "3.00 → 2.73"]]
+    # the report names the replicates in its regeneration command and carries the section
+    md, _ = write_report(results_dir, tmp_path / "out" / "REPRODUCTION.md", {"source": "RUNS", "report": "R.md"},
+                         replicates=tmp_path / "replicates")
+    assert f"--replicates {tmp_path / 'replicates'}`" in md.read_text()
+    assert "## Same code, same seed, another CPU" in md.read_text()
+
+
+def test_replicates_must_be_folders_of_kept_results(tmp_path):
+    from sed_lens.experiments.reproduction_replicates import load_replicates
+
+    with pytest.raises(SedLensError, match="does not exist"):
+        load_replicates(tmp_path / "nowhere")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(SedLensError, match="holds no replicate"):
+        load_replicates(tmp_path / "empty")

@@ -64,6 +64,10 @@ class ReproduceConfig(TrackingOptions, GridOptions):
         "help": "keep each run's compact results (its cell.json: config and every number the report uses) here as "
                 "soon as it finishes, and restore finished runs from here (default: OUT/results; the repository's "
                 "are in docs/reproduction/runs)"})
+    replicates: str | None = field(default=None, metadata={
+        "help": "a folder of replicate result sets — each subfolder the same runs made again elsewhere, e.g. on "
+                "another CPU — to set beside the results in the report, number by number (the repository's: "
+                "docs/reproduction/replicates)"})
     compile: bool = field(default=False, metadata={
         "help": "compile every run's training step with torch.compile (the experiments' --compile; needs a C++ "
                 "compiler): faster steps after a one-off compile cached on disk, reruns bit-identical, but a compiled "
@@ -264,7 +268,7 @@ def run(cfg: ReproduceConfig, argv: Sequence[str] | None = None) -> dict[str, An
     report.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "source": str(kept),
             "report": str(report), "versions": versions()}
-    paths = write_report(kept, report, meta)
+    paths = write_report(kept, report, meta, cfg.replicates)
     summary = {"meta": {**meta, "wall_time_s": time.perf_counter() - t0, "runs": len(grid), "runs_skipped": skipped,
                         "quick": cfg.quick, "seeds": list(coupling.seeds)},
                "report": [str(p) for p in paths], "claims": claim_numbers(load_results(kept))}

@@ -20,6 +20,7 @@ from typing import Any
 
 from sed_lens.analysis.scan_key import PER_OP, ScanKey
 from sed_lens.errors import SedLensError
+from sed_lens.experiments.reproduction_replicates import load_replicates, replicates_blocks
 from sed_lens.experiments.reproduction_results import (
     LENGTH_LABELS,
     LENGTHS,
@@ -659,14 +660,16 @@ def lacking(runs: Sequence[str]) -> str:
     return f"{len(runs)} runs ({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))})"
 
 
-def build(res: Results, figs: Sequence[tuple[str, Path]], meta: dict[str, Any]) -> Blocks:
+def build(res: Results, figs: Sequence[tuple[str, Path]], meta: dict[str, Any],
+          replicates: dict[str, Results] | None = None) -> Blocks:
     n_runs = len(res.coupling) + len(res.interventions)
     missing = res.missing()
     source, report = meta.get("source", "docs/reproduction/runs"), meta.get("report", "docs/REPRODUCTION.md")
     blocks: Blocks = [
         Text(f"Built from the compact results of {n_runs} run{'s' if n_runs != 1 else ''} in `{source}` (each run's "
              f"config and every number used here); regenerate it without training by `python -m "
-             f"sed_lens.experiments.reproduce --report-only --results {source} --report {report}`. The runs took "
+             f"sed_lens.experiments.reproduce --report-only --results {source} --report {report}"
+             f"{' --replicates ' + str(meta['replicates']) if replicates else ''}`. The runs took "
              f"{res.worker_s / 3600:.1f} worker-hours on 2 CPU cores. Training seeds: "
              f"{', '.join(str(s) + (' (partial)' if s in missing else '') for s in res.seeds) or 'none'}."),
         *protocol(res),
@@ -675,22 +678,28 @@ def build(res: Results, figs: Sequence[tuple[str, Path]], meta: dict[str, Any]) 
         Heading("Differences from the paper, and why", 2), *differences(res),
         Heading("Coupling by phase", 2), *phase_table(res),
         Heading("Runs", 2), *run_table(res),
+        *replicates_blocks(res, replicates or {}),
         Heading("Figures", 2),
     ]
     blocks += [Figure(p, caption) for caption, p in figs]
     return blocks
 
 
-def write_report(results_dir: str | Path, markdown: str | Path, meta: dict[str, Any] | None = None) -> list[Path]:
+def write_report(results_dir: str | Path, markdown: str | Path, meta: dict[str, Any] | None = None,
+                 replicates: str | Path | None = None) -> list[Path]:
     """Write the report of the compact results in ``results_dir``: ``markdown`` (figures in a folder beside it
     named after it, e.g. ``docs/reproduction/`` for ``docs/REPRODUCTION.md``) and the same as one self-contained
-    HTML page (``.html`` beside it)."""
+    HTML page (``.html`` beside it). ``replicates``: a folder of replicate result sets (each subfolder the same runs
+    made again elsewhere, :mod:`~sed_lens.experiments.reproduction_replicates`), set beside the results."""
     res = load_results(results_dir)
+    reps = load_replicates(replicates) if replicates is not None else {}
     md = Path(markdown)
     figs = figures(res, figure_dir(md))
     meta = dict(meta or {})
     meta.setdefault("source", str(results_dir))
-    blocks = build(res, figs, meta)
+    if replicates is not None:
+        meta.setdefault("replicates", str(replicates))
+    blocks = build(res, figs, meta, reps)
 
     def ref(f: Figure) -> str:
         return f.path.resolve().relative_to(md.parent.resolve()).as_posix()
