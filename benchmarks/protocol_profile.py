@@ -12,14 +12,14 @@ the runs shared.
 from __future__ import annotations
 
 import argparse
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sed_lens.cli import ArgumentParser
-from sed_lens.experiments.reproduction_results import load_results
+from sed_lens.experiments.reproduction_results import cpu_of, load_results, tally
 from sed_lens.grid import PROVENANCE_TIME
 
 
@@ -95,30 +95,9 @@ def main() -> None:
             iv = tm.get(STEP_PHASES[1], 0.0)
             provs = [r.provenance for r in res.coupling if r.seed == s_]
             provs += [r.provenance for r in res.interventions if r.seed == s_]
-            code, span = code_of(provs), wall_span(provs)
-            print(f"| {s_} | {k} | {code} | {cpu_of(provs)} | {f'{span / 60:.0f} min' if span is not None else '—'} | {tot / 3600:.2f} "
+            code, cpu, span = tally(p.get("sed_lens_commit") for p in provs), tally(cpu_of(p) for p in provs), wall_span(provs)
+            print(f"| {s_} | {k} | {code} | {cpu} | {f'{span / 60:.0f} min' if span is not None else '—'} | {tot / 3600:.2f} "
                   f"| {train:.0f} | {scan:.0f} | {iv:.0f} | {f'{tot / st:.2f}×' if st else '—'} |")
-
-
-def code_of(provenances: Sequence[Mapping[str, Any]]) -> str:
-    """The sed_lens commits a set of runs recorded, with how many runs each (``not recorded``: results kept
-    before the grid recorded provenance)."""
-    return counted(p.get("sed_lens_commit") for p in provenances)
-
-
-def cpu_of(provenances: Sequence[Mapping[str, Any]]) -> str:
-    """The CPUs a set of runs recorded (model and kernel level), with how many runs each (``not recorded``: results
-    kept before the grid recorded the CPU)."""
-    return counted(f"{p['cpu']} ({p.get('cpu_capability') or '?'})" if p.get("cpu") else None for p in provenances)
-
-
-def counted(values: Iterable[str | None]) -> str:
-    """One value if all agree, else each with its count, most common first, ties by name (None reads ``not
-    recorded``)."""
-    counts = Counter(v or "not recorded" for v in values)
-    if len(counts) == 1:
-        return next(iter(counts))
-    return ", ".join(f"{c} ({n})" for c, n in sorted(counts.items(), key=lambda cn: (-cn[1], cn[0])))
 
 
 def wall_span(provenances: Sequence[Mapping[str, Any]]) -> float | None:

@@ -186,7 +186,8 @@ def test_the_committed_results_regenerate_the_committed_report(tmp_path, monkeyp
     assert any(runs.rglob("*.json")), "docs/reproduction/runs holds the reproduction's compact results"
     monkeypatch.chdir(ROOT)
     md, _ = write_report("docs/reproduction/runs", tmp_path / "REPRODUCTION.md",
-                         {"source": "docs/reproduction/runs", "report": "docs/REPRODUCTION.md"})
+                         {"source": "docs/reproduction/runs", "report": "docs/REPRODUCTION.md"},
+                         replicates="docs/reproduction/replicates")
     assert md.read_text() == committed.read_text()
 
 
@@ -300,19 +301,22 @@ def test_a_replicate_is_set_beside_the_main_results_number_by_number(results_dir
                        "C-s42": intervention_cell("add", 42, "C", "gradient", 1100),
                        "C-s999": intervention_cell("add", 999, "C", "gradient", 700)}.items():  # s999: unmatched
         write_cell(rep, f"intervention/add-gradient/{name}", {**cell, "provenance": moved["provenance"]})
+    curves = intervention_cell("add", 42, "A", "gradient", 3000)  # the same grok step, other curves: not identical
+    curves["summary"]["history"] = {"step": [0, 25], "test/acc/add": [0.0, 0.1]}
+    write_cell(rep, "intervention/add-gradient/A2-s42", {**curves, "provenance": moved["provenance"]})
     blocks = replicates_blocks(load_results(results_dir), load_replicates(tmp_path / "replicates"))
     text = texts(blocks)
-    assert "Replicate `other-cpu`" in text and "3 runs of training seed 42 rerun with the same configs on Chip Y (AVX2)" in text
-    assert "the main results' runs of that seed: not recorded" in text and "1 of 3 runs give the same numbers" in text
+    assert "Replicate `other-cpu`" in text and "4 runs of training seed 42 rerun with the same configs on Chip Y (AVX2)" in text
+    assert "the main results' runs of that seed: not recorded" in text and "1 of 4 runs are bit-identical" in text
     # by hand: 132 / 120 − 1 = 10 %; training seeds of add: sd(120, 150) / 135 = 15.7 %; the analysis seeds of
     # add-s42 (120, 132, 108): sd 12 / mean 120 = 10 %; the grok steps are equal
     assert "Peak R̄, gradient SED: changed by a median 10 % (largest 10 %); over the main results' training seeds it " \
            "varies by a median coefficient of variation of 16 % per op, over one run's analysis seeds by 10 %." in text
     assert "Peak R̄, update SED: changed by a median 0.0 %" in text and "Grok step: changed by a median 0.0 %" in text
-    assert "Intervention grok steps: changed by a median 5.0 % (largest 10 %)" in text  # A: 0 %, C: 1000 → 1100
+    assert "Intervention grok steps: changed by a median 0.0 % (largest 10 %)" in text  # A: 0 %, 0 %; C: +10 %
     coupling_rows, iv_rows = (b.rows for b in blocks if hasattr(b, "rows"))
     assert coupling_rows == [["add s42", "900 (same)", "1500 (same)", "120.0 → 132.0", "8.0 (same)", "15.0 → 16.5"]]
-    assert iv_rows == [["add", "A", "42", "3000 (same)", "— (same)"],
+    assert iv_rows == [["add", "A", "42", "3000 (same)", "— (same)"], ["add", "A", "42", "3000 (same)", "— (same)"],
                        ["add-gradient", "C", "42", "1000 → 1100", "3.00 → 2.73"]]
     # the report names the replicates in its regeneration command and carries the section
     md, _ = write_report(results_dir, tmp_path / "out" / "REPRODUCTION.md", {"source": "RUNS", "report": "R.md"},

@@ -13,13 +13,20 @@ condition, projection method), not by file name.
 from __future__ import annotations
 
 import statistics
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from sed_lens.analysis.scan_key import ScanKey
 from sed_lens.errors import check
-from sed_lens.experiments.reproduction_results import CouplingRun, InterventionRun, Results, Spread, load_results
+from sed_lens.experiments.reproduction_results import (
+    CouplingRun,
+    InterventionRun,
+    Results,
+    Spread,
+    cpu_of,
+    load_results,
+    tally,
+)
 from sed_lens.rendering import Block, Heading, Table, Text, fixed
 
 GRADIENT, UPDATE = ScanKey("gradient", "leading"), ScanKey("update", "leading")
@@ -65,11 +72,16 @@ def median_of(values: Iterable[float | None]) -> float | None:
 
 def cpus(runs: Sequence[CouplingRun | InterventionRun]) -> str:
     """The CPUs a set of runs recorded (model and kernel level), most runs first."""
-    counts = Counter(f"{p['cpu']} ({p.get('cpu_capability') or '?'})" if p.get("cpu") else "not recorded"
-                     for p in (r.provenance for r in runs))
-    if len(counts) == 1:
-        return next(iter(counts))
-    return ", ".join(f"{c} ({n} run{'s' if n != 1 else ''})" for c, n in sorted(counts.items(), key=lambda cn: (-cn[1], cn[0])))
+    return tally(cpu_of(r.provenance) for r in runs)
+
+
+def same_run(a: CouplingRun | InterventionRun, b: CouplingRun | InterventionRun) -> bool:
+    """Whether two runs kept the same numbers: every scan, training record and curve (timings left out)."""
+    if isinstance(a, CouplingRun) and isinstance(b, CouplingRun):
+        untimed = [{k: v for k, v in r.train.items() if k != "timings"} for r in (a, b)]
+        return a.scans == b.scans and untimed[0] == untimed[1] and a.history == b.history
+    return (isinstance(a, InterventionRun) and isinstance(b, InterventionRun) and a.grok_step == b.grok_step
+            and a.steps == b.steps and a.history == b.history)
 
 
 def pairs_of(main: Results, rep: Results) -> tuple[list[tuple[CouplingRun, CouplingRun]],
@@ -95,14 +107,13 @@ def replicate_section(main: Results, name: str, rep: Results) -> list[Block]:
                 Text(f"None of its {len(rep.coupling) + len(rep.interventions)} runs repeats a run of the main results.")]
     seeds = sorted({r.seed for _, r in coupling} | {r.seed for _, r in interventions})
     numbers = [(coupling_numbers(a), coupling_numbers(b)) for a, b in coupling]
-    same = sum(x == y for x, y in numbers) + sum(a.grok_step == b.grok_step and a.steps == b.steps
-                                                 for a, b in interventions)
+    same = sum(same_run(a, b) for a, b in coupling) + sum(same_run(a, b) for a, b in interventions)
     out: list[Block] = [Heading(f"Replicate `{name}`", 3), Text(
         f"{runs} runs of training seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))} rerun with the "
         f"same configs on {cpus([b for _, b in coupling] + [b for _, b in interventions])}; the main results' runs "
         f"of {'those seeds' if len(seeds) != 1 else 'that seed'}: "
         f"{cpus([a for a, _ in coupling] + [a for a, _ in interventions])}. "
-        f"{same} of {runs} runs give the same numbers.")]
+        f"{same} of {runs} runs are bit-identical (every measured number, curves included, equal).")]
 
     def change(i: int) -> str:
         """Median and largest relative change of coupling number ``i`` over the pairs, against the spreads."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,21 @@ def _intervention(path: Path, data: dict[str, Any]) -> InterventionRun:
                            c["projection"]["apply_to"], s.get("grok_step", {}).get(c["grokking"]["ops"][0]),
                            int(s["steps"]), s.get("history", {}), float(s.get("wall_time_s", 0.0)),
                            data.get("provenance", {}))
+
+
+def cpu_of(provenance: Mapping[str, Any]) -> str | None:
+    """The CPU a run recorded, with the SIMD level of PyTorch's kernels (None if it recorded no CPU)."""
+    if not provenance.get("cpu"):
+        return None
+    return f"{provenance['cpu']} ({provenance.get('cpu_capability') or 'kernel level not recorded'})"
+
+
+def tally(values: Iterable[str | None]) -> str:
+    """One value if all agree, else each with its count of runs, most first, ties by name (None: ``not recorded``)."""
+    counts = Counter(v or "not recorded" for v in values)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{c} ({n} run{'s' if n != 1 else ''})" for c, n in sorted(counts.items(), key=lambda cn: (-cn[1], cn[0])))
 
 
 def load_results(directory: str | Path) -> Results:
