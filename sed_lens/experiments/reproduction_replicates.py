@@ -16,20 +16,21 @@ import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from sed_lens.analysis.scan_key import ScanKey
 from sed_lens.errors import check
 from sed_lens.experiments.reproduction_results import (
+    GRADIENT,
+    UPDATE,
     CouplingRun,
     InterventionRun,
     Results,
     Spread,
     cpu_of,
     load_results,
+    speedups,
     tally,
 )
 from sed_lens.rendering import Block, Heading, Table, Text, fixed
 
-GRADIENT, UPDATE = ScanKey("gradient", "leading"), ScanKey("update", "leading")
 COUPLING_NUMBERS = ("grok step", "stop rule fired at", "peak R̄, gradient SED", "peak R̄, update SED",
                     "gradient / update")
 """What is compared for a single-task coupling run (stop-rule run, median over analysis seeds)."""
@@ -115,9 +116,8 @@ def replicate_section(main: Results, name: str, rep: Results) -> list[Block]:
         f"{cpus([a for a, _ in coupling] + [a for a, _ in interventions])}. "
         f"{same} of {runs} runs are bit-identical (every measured number, curves included, equal).")]
 
-    def change(i: int) -> str:
-        """Median and largest relative change of coupling number ``i`` over the pairs, against the spreads."""
-        key = COUPLING_NUMBERS[i]
+    def change(key: str) -> str:
+        """Median and largest relative change of one coupling number over the pairs, against the spreads."""
         ch = [relative_change(x[key], y[key]) for x, y in numbers]
         seeds_cv = median_of(variation(coupling_numbers(r)[key] for r in main.single(op)) for op in main.ops)
         text = (f"- {key[0].upper() + key[1:]}: changed by a median {pct(median_of(ch))} (largest "
@@ -130,7 +130,7 @@ def replicate_section(main: Results, name: str, rep: Results) -> list[Block]:
         return text + "."
 
     if coupling:
-        out += [Text(change(i)) for i in range(len(COUPLING_NUMBERS))]
+        out += [Text(change(key)) for key in COUPLING_NUMBERS]
     if interventions:
         ch = [relative_change(a.grok_or_last, b.grok_or_last) for a, b in interventions]
         seeds_cv = median_of(variation(r.grok_or_last for r in main.interventions
@@ -145,16 +145,14 @@ def replicate_section(main: Results, name: str, rep: Results) -> list[Block]:
         out.append(Table(["run", *COUPLING_NUMBERS], rows,
                          f"Coupling runs, main → replicate `{name}` (stop-rule run, median over analysis seeds)"))
     if interventions:
-        ctrl = {(r.op, r.seed): r for r in main.interventions if r.condition == "A"}
-        ctrl_rep = {(r.op, r.seed): r for r in rep.interventions if r.condition == "A"}
-
-        def speedup(c: dict[tuple[str, int], InterventionRun], r: InterventionRun) -> float | None:
-            a = c.get((r.op, r.seed))
-            return None if a is None or r.condition == "A" or not r.grok_or_last else a.grok_or_last / r.grok_or_last
+        def speedup(res: Results, r: InterventionRun) -> float | None:
+            """Control / condition grok step of ``r``'s seed (:func:`speedups`' per-seed value; None for a control)."""
+            per_seed = speedups(res.grid(r.op, r.method)).get(r.condition, {}).get("per_seed", {})
+            return None if r.condition == "A" else per_seed.get(r.seed)
 
         rows = [[f"{a.op}" + ("" if a.condition == "A" else f"-{a.method}"), a.condition, str(a.seed),
                  arrow(a.grok_or_last, b.grok_or_last, 0, censored=(a.grok_step is None, b.grok_step is None)),
-                 arrow(speedup(ctrl, a), speedup(ctrl_rep, b), 2)] for a, b in interventions]
+                 arrow(speedup(main, a), speedup(rep, b), 2)] for a, b in interventions]
         out.append(Table(["grid", "condition", "seed", "grok step", "speedup over the control"], rows,
                          f"Intervention runs, main → replicate `{name}` (* never grokked: its last step)"))
     return out

@@ -22,8 +22,11 @@ from sed_lens.analysis.scan_key import PER_OP, ScanKey
 from sed_lens.errors import SedLensError
 from sed_lens.experiments.reproduction_replicates import load_replicates, replicates_blocks
 from sed_lens.experiments.reproduction_results import (
+    GRADIENT,
+    LEAD,
     LENGTH_LABELS,
     LENGTHS,
+    UPDATE,
     CouplingRun,
     Results,
     Spread,
@@ -62,7 +65,6 @@ PAPER_INTERVENTION: PaperSpeedups = {("add", "gradient"): {"A": (3358, 1.00), "B
 CONDITION_LABELS = {"A": "control", "B": "remove SED", "C": "keep SED", "D": "remove random", "E": "keep random"}
 WINDOWS = (1, 2, 5, 10, 20, 40)
 EPSILONS = (0.001, 0.005, 0.05)
-LEAD = "leading"
 
 
 def spread_text(sp: Spread, d: int = 0) -> str:
@@ -83,7 +85,6 @@ def mean_sd(values: Sequence[float | None], d: int = 0) -> str:
 
 # What the report reads of each run: gradient and update SED with the leading window (the paper's code), per-op
 # gradient SED of a multitask run, gradient SED at the ablation's windows, and the paper's finite difference.
-GRADIENT, UPDATE = ScanKey("gradient", LEAD), ScanKey("update", LEAD)
 
 
 def per_op_key(op: str, inputs: str | None = None) -> ScanKey:

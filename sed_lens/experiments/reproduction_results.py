@@ -24,6 +24,9 @@ from sed_lens.errors import SedLensError, check
 from sed_lens.experiments.intervention import matched_speedup
 
 LENGTHS = ("stop_rule", "post_grok")
+LEAD = "leading"
+GRADIENT, UPDATE = ScanKey("gradient", LEAD), ScanKey("update", LEAD)
+"""The headline keys: gradient and update SED, leading windows (the paper's code)."""
 LENGTH_LABELS = {"stop_rule": "stop-rule run", "post_grok": "post-grok run"}
 
 
