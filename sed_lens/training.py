@@ -452,7 +452,8 @@ def _min_test_acc(row: dict[str, Any], task: Task) -> float:
 
 class _StopSignals:
     """While active (main thread only), SIGINT and SIGTERM set ``signum`` instead of stopping the process, so
-    the training loop can finish its step and checkpoint; a second signal stops at once as usual."""
+    the training loop can finish its step and checkpoint; a second signal stops at once as usual. A signal the
+    process ignores (``SIG_IGN``: a job started with ``nohup`` or in the background) stays ignored."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -470,6 +471,8 @@ class _StopSignals:
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
+                if signal.getsignal(s) is signal.SIG_IGN:
+                    continue
                 try:
                     self.previous[s] = signal.signal(s, self._handle)
                 except (ValueError, OSError):  # e.g. an embedded interpreter that owns its signals

@@ -18,7 +18,7 @@ from sed_lens.errors import SedLensError
 from sed_lens.experiments import grokking
 from sed_lens.models import build_model
 from sed_lens.tracking import Run, read_jsonl
-from sed_lens.training import TrainConfig, Trainer
+from sed_lens.training import Callback, TrainConfig, Trainer
 
 FLAGS = ["--p", "11", "--steps", "120", "--eval-every", "10", "--checkpoint-every", "20", "--sed", "update,gradient",
          "--sed-every", "5", "--sed-window", "4", "--wandb-mode", "disabled", "--no-progress"]
@@ -201,14 +201,27 @@ def test_sigterm_checkpoints_prints_the_resume_command_and_the_run_resumes(tmp_p
     assert steps == list(range(0, step + 8, 5))  # every eval once, none lost or repeated across the kill
 
 
-def test_sigint_in_process_checkpoints_at_the_current_step(tmp_path, tiny_task):
-    from sed_lens.training import Callback, TrainingInterrupted
+class CtrlC(Callback):
+    """Presses Ctrl-C (SIGINT to this process) after step 7."""
 
-    class CtrlC(Callback):
-        def on_after_step(self, trainer):
-            if trainer.step == 7:
-                signal.raise_signal(signal.SIGINT)
+    def on_after_step(self, trainer):
+        if trainer.step == 7:
+            signal.raise_signal(signal.SIGINT)
 
+
+@pytest.fixture
+def sigint_handler():
+    """Sets SIGINT's handler for one test (as a plain ``python`` process has it: ``default_int_handler``, unless the
+    test says otherwise) and restores the runner's afterwards (pytest-xdist's workers ignore SIGINT)."""
+    before = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, before)
+
+
+def test_sigint_in_process_checkpoints_at_the_current_step(tmp_path, tiny_task, sigint_handler):
+    from sed_lens.training import TrainingInterrupted
+
+    sigint_handler(signal.default_int_handler)
     with Run(tmp_path / "r", {}, wandb_mode="disabled") as run:
         t = Trainer(build_model("xu2026", tiny_task), tiny_task, TrainConfig(steps=50, eval_every=5), [CtrlC()],
                     run=run, progress=False)
@@ -217,6 +230,15 @@ def test_sigint_in_process_checkpoints_at_the_current_step(tmp_path, tiny_task):
     assert e.value.step == 7 and e.value.exit_code == 130 and e.value.checkpoint == t.checkpoint_path
     assert torch.load(t.checkpoint_path, weights_only=True)["step"] == 7
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+
+
+def test_an_ignored_sigint_stays_ignored(tiny_task, sigint_handler):
+    # A run started with nohup or in the background ignores SIGINT: Ctrl-C in the terminal must not stop it.
+    sigint_handler(signal.SIG_IGN)
+    t = Trainer(build_model("xu2026", tiny_task), tiny_task, TrainConfig(steps=10, eval_every=5, checkpoint_every=0),
+                [CtrlC()], progress=False)
+    assert t.fit().steps == 10
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_resume_checks_everything_before_touching_the_run_and_a_finished_run_says_so(tmp_path, capsys):

@@ -193,7 +193,8 @@ def test_stop_at_grok_stops_at_the_first_eval_where_every_op_has_grokked():
 
 
 def test_progress_outside_a_terminal_is_plain_lines_with_accuracies(tiny_task, capsys):
-    cfg = TrainConfig(steps=400, eval_every=5, checkpoint_every=0, stop_patience=2, stop_acc=1.0)
+    # 80 evals for 20 lines (a small batch: what is tested is the lines, not the training)
+    cfg = TrainConfig(steps=400, eval_every=5, checkpoint_every=0, stop_patience=2, stop_acc=1.0, batch_size=16)
     Trainer(build_model("xu2026", tiny_task), tiny_task, cfg, progress=True).fit()
     err = capsys.readouterr().err  # pytest's capture is not a terminal
     lines = err.strip().splitlines()
