@@ -51,6 +51,7 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without the plugin, pytest runs as usual
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker per CPU this process may run on (its affinity: a container's or ``taskset``'s
     share, not the host's core count, nor pytest-xdist's physical-core count, which is 1 on a 2-vCPU machine
