@@ -83,11 +83,11 @@ def mean_sd(values: Sequence[float | None], d: int = 0) -> str:
     return f"{fixed(sp.mean, d)} ± {fixed(sp.sd, d)}" if sp.n > 1 else fixed(sp.mean, d)
 
 
-# What the report reads of each run: gradient and update SED with the leading window (the paper's code), per-op
-# gradient SED of a multitask run, gradient SED at the ablation's windows, and the paper's finite difference.
-
-
+# What the report reads of each run: gradient and update SED with the leading window (the paper's code: GRADIENT,
+# UPDATE in reproduction_results), per-op gradient SED of a multitask run, gradient SED at the ablation's windows,
+# and the paper's finite difference.
 def per_op_key(op: str, inputs: str | None = None) -> ScanKey:
+    """Per-op gradient SED of ``op`` (leading window) in a multitask run, in the reading ``inputs``."""
     return reading(ScanKey("task_gradient", LEAD, op), inputs)
 
 
