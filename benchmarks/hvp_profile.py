@@ -9,20 +9,33 @@ elementwise arithmetic, copies, reductions and views. Matmul rows give their ach
 — one large matmul of the model's dense-layer shape run alone — so the table says how far a direction is from
 what this CPU can do with its FLOPs. With ``--results`` it multiplies out the directions the kept reproduction
 results measured by ``hvp``. One torch thread (a reproduction worker's setting).
+
+``--compiled K`` (default 4; 0 skips it) also measures the lever sed_lens does not take: the same double backward
+traced into one ATen graph (``make_fx``, the subspace's weights and K directions as its inputs, the other weights
+constants of the graph — a library version would make them inputs too, so that one graph served every snapshot of a
+run) and compiled by ``torch.compile`` (Inductor fuses the elementwise ops), with 1 and with K
+directions per graph: compile time, the shared part and the marginal cost of a direction, the largest relative
+difference to the eager responses, and the process's peak RSS after each.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformer_lens import HookedTransformer
 
 from benchmarks.common import machine
 from sed_lens.analysis.centroids import CentroidMap
@@ -112,12 +125,97 @@ def median_seconds(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
+def peak_rss_mib() -> float:
+    """The process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def traced_responses(cmap: CentroidMap, model: HookedTransformer, S: ParamSubspace, dirs: torch.Tensor,
+                     rows: slice) -> tuple[Callable[..., Any], list[torch.Tensor]]:
+    """Σ over the probes of ‖J_x v‖² for each row v of ``dirs``, as one traced ATen graph (what :func:`_hvp_sq`
+    computes, reverse-over-reverse), and its inputs: the subspace's weights, then each direction's tangents."""
+    named = S.parameters_of(model)
+    names = list(named)
+    tokens = cmap.tokens[rows]
+    labels = None if cmap.labels is None else cmap.labels[rows]
+    k = dirs.shape[0]
+
+    def responses(*inputs: torch.Tensor) -> torch.Tensor:
+        params = {n: w.detach().requires_grad_(True) for n, w in zip(names, inputs[:len(names)], strict=True)}
+        delta = torch.zeros((tokens.shape[0], *cmap.shape), dtype=inputs[0].dtype, requires_grad=True)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(cmap.readout_sum(delta, params, tokens, labels), list(params.values()),
+                                        create_graph=True)
+            out = []
+            for j in range(k):
+                t = inputs[len(names) * (1 + j): len(names) * (2 + j)]
+                mu_dot = torch.autograd.grad(grads, delta, grad_outputs=list(t), retain_graph=j < k - 1)[0]
+                out.append((mu_dot.detach().double() ** 2).sum())
+        return torch.stack(out)
+
+    tangents = S.unflatten(dirs, full=True)
+    inputs = [named[n].detach() for n in names] + [tangents[n][j] for j in range(k) for n in names]
+    return make_fx(responses)(*inputs), inputs
+
+
+def compiled_table(cmap: CentroidMap, model: HookedTransformer, S: ParamSubspace, dirs: torch.Tensor,
+                   batches: list[int], k: int, reps: int) -> list[str]:
+    """The eager responses of 1 and ``k`` directions over all probes against the compiled graphs over probe batches
+    of each size in ``batches`` (1 and ``k`` directions per graph, run ``n_probes / batch`` times to cover the
+    probes): every graph compiled first (smallest batch first, so the peak RSS after each names its cost), then all
+    timed round-robin, ``reps`` rounds, medians."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="hvp_profile_inductor_")  # cold compiles
+    n_probes = cmap.tokens.shape[0]
+    full = slice(0, n_probes)
+    variants: dict[str, tuple[Callable[[], object], float]] = {}  # name -> (call over all probes, per-call scale)
+    facts: dict[str, str] = {}
+    for m in (1, k):
+        variants[f"eager (sed_lens), {m} direction{'s' if m > 1 else ''}"] = (
+            partial(_hvp_sq, cmap, model, S, dirs[:m], full, 1), 1.0)
+        facts[f"eager (sed_lens), {m} direction{'s' if m > 1 else ''}"] = f"— | 0 | {peak_rss_mib():.0f}"
+    for batch in sorted(batches):
+        rows = slice(0, batch)
+        for m in (1, k):
+            graph, inputs = traced_responses(cmap, model, S, dirs[:m], rows)
+            compiled = torch.compile(graph, dynamic=False)
+            t = time.perf_counter()
+            with torch.no_grad():
+                values = compiled(*inputs)
+            compile_s = time.perf_counter() - t
+            ref = _hvp_sq(cmap, model, S, dirs[:m], rows, 1).double()
+            rel = float(((values - ref).abs() / ref).max())
+            name = f"compiled, probe batches of {batch}, {m} direction{'s' if m > 1 else ''} per graph"
+            variants[name] = (torch.no_grad()(partial(compiled, *inputs)), n_probes / batch)
+            facts[name] = f"{compile_s:.0f} | {rel:.1e} | {peak_rss_mib():.0f}"
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(reps):
+        for name, (call, scale) in variants.items():
+            t = time.perf_counter()
+            call()
+            samples[name].append((time.perf_counter() - t) * scale)
+    ms = {name: statistics.median(v) * 1e3 for name, v in samples.items()}
+    lines = [f"| variant (all {n_probes} probes) | ms per call | compile s (cold cache) | max rel. diff. to eager | "
+             "process peak RSS after it (MiB) |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {ms[name]:.0f} | {facts[name]} |" for name in variants]
+    names = list(variants)  # pairs: 1 direction, then k directions, of each variant
+    margins = {names[i].rsplit(",", 1)[0]: (ms[names[i + 1]] - ms[names[i]]) / (k - 1) for i in range(0, len(names), 2)}
+    eager_margin = next(iter(margins.values()))
+    lines.append(f"\none direction at the margin (the {k}-direction call less the 1-direction call, / {k - 1}), all "
+                 f"{n_probes} probes: " + "; ".join(f"{what} **{v:.0f} ms** ({eager_margin / v:.2f}× eager)"
+                                                    for what, v in margins.items()))
+    return lines
+
+
 def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--directions", type=int, default=8, help="directions per timed call")
     ap.add_argument("--probes", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=100, help="train a little first, so the state is not the init")
+    ap.add_argument("--compiled", type=int, default=4, metavar="K",
+                    help="also time the double backward traced and torch.compile'd, K directions per graph (0: skip)")
+    ap.add_argument("--compiled-batches", default="1024,128",
+                    help="probe batches the compiled graph runs over (comma-separated)")
     ap.add_argument("--results", default="docs/reproduction/runs",
                     help="kept reproduction results whose hvp directions to multiply out ('' for none)")
     args = ap.parse_args()
@@ -166,6 +264,13 @@ def main() -> None:
     print(f"\nreference: one [{hidden}×{model.cfg.d_model}]·[{model.cfg.d_model}×{model.cfg.d_model}] matmul alone "
           f"runs at {ref_rate:.1f} GFLOP/s; a direction's {flops / 1e9:.2f} GFLOP of matmuls at that rate would take "
           f"{flops / ref_rate / 1e6:.1f} ms, {flops / ref_rate / 1e9 / per_direction:.0%} of its wall time")
+    if args.compiled:
+        if not 2 <= args.compiled <= n + 1:
+            ap.error(f"--compiled K needs 2 <= K <= --directions + 1 ({n + 1}), got {args.compiled}")
+        print("\nThe lever not taken: the same responses traced into one graph and compiled (Inductor), the "
+              "subspace's weights and the directions as the graph's inputs; eager and compiled timed round-robin\n")
+        batches = sorted({min(int(b), args.probes) for b in args.compiled_batches.split(",")})
+        print("\n".join(compiled_table(cmap, model, S, dirs, batches, args.compiled, max(args.reps, 3))))
     if args.results and Path(args.results).is_dir():
         from benchmarks.protocol_profile import profile
         _, directions, runs = profile(args.results)

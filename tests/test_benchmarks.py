@@ -110,3 +110,35 @@ def test_hvp_profile_times_every_op_and_counts_matmul_flops_by_hand():
     assert batched[1] == 1 and batched[2] == 2 * 3 * 2 * 7 * 2
     assert elementwise[1] == 2 and elementwise[2] == 0 and reductions[1] == 1
     assert all(v[0] >= 0 for v in g.values()) and sum(v[0] for v in g.values()) > 0
+
+
+def test_the_traced_double_backward_of_hvp_profile_gives_the_librarys_responses_at_any_weights(odd_model):
+    """The compiled lever's graph (run here uncompiled) computes what ``_hvp_sq`` does, and its weights are real
+    inputs: the same graph fed another point's weights gives that point's responses."""
+    import torch
+
+    from benchmarks.hvp_profile import traced_responses
+    from sed_lens.analysis.centroids import CentroidMap
+    from sed_lens.analysis.coupling import _hvp_sq
+    from sed_lens.subspace import ParamSubspace
+
+    model = odd_model.eval()
+    S = ParamSubspace.attention(model)
+    g = torch.Generator().manual_seed(0)
+    tokens, labels = torch.randint(0, 12, (16, 3), generator=g), torch.randint(0, 11, (16,), generator=g)
+    cmap = CentroidMap(model, tokens, labels, task="sub")
+    dirs = S.random_directions(2, torch.Generator().manual_seed(1))
+    rows = slice(0, 16)
+    graph, inputs = traced_responses(cmap, model, S, dirs, rows)
+    torch.testing.assert_close(graph(*inputs), _hvp_sq(cmap, model, S, dirs, rows, 1).double(), rtol=1e-5, atol=0)
+    params = list(S.parameters_of(model).values())
+    original = [w.detach().clone() for w in params]
+    moved = [w + 0.3 * torch.randn(w.shape, generator=g) for w in original]
+    with torch.no_grad():
+        for w, new in zip(params, moved, strict=True):
+            w.copy_(new)
+        at_moved = _hvp_sq(cmap, model, S, dirs, rows, 1).double()
+        for w, old in zip(params, original, strict=True):  # the model back at the traced point
+            w.copy_(old)
+    assert not torch.allclose(at_moved, _hvp_sq(cmap, model, S, dirs, rows, 1).double(), rtol=1e-3)
+    torch.testing.assert_close(graph(*moved, *inputs[len(moved):]), at_moved, rtol=1e-5, atol=0)
