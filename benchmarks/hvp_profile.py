@@ -13,9 +13,9 @@ results measured by ``hvp``. One torch thread (a reproduction worker's setting).
 ``--compiled K`` (default 4; 0 skips it) also measures the lever sed_lens does not take: the same double backward
 traced into one ATen graph (``make_fx``, the subspace's weights and K directions as its inputs, the other weights
 constants of the graph — a library version would make them inputs too, so that one graph served every snapshot of a
-run) and compiled by ``torch.compile`` (Inductor fuses the elementwise ops), with 1 and with K
-directions per graph: compile time, the shared part and the marginal cost of a direction, the largest relative
-difference to the eager responses, and the process's peak RSS after each.
+run) and compiled by ``torch.compile`` (Inductor fuses the elementwise ops), with 1 and with K directions per graph,
+over probe batches of each size in ``--compiled-batches``: cold compile time, time per call, the marginal cost of a
+direction, the largest relative difference to the eager responses, and the process's peak RSS after each.
 """
 
 from __future__ import annotations
@@ -215,10 +215,19 @@ def main() -> None:
     ap.add_argument("--compiled", type=int, default=4, metavar="K",
                     help="also time the double backward traced and torch.compile'd, K directions per graph (0: skip)")
     ap.add_argument("--compiled-batches", default="1024,128",
-                    help="probe batches the compiled graph runs over (comma-separated)")
+                    help="probe batches the compiled graph runs over (comma-separated, each dividing --probes)")
     ap.add_argument("--results", default="docs/reproduction/runs",
                     help="kept reproduction results whose hvp directions to multiply out ('' for none)")
     args = ap.parse_args()
+    if args.compiled:
+        if not 2 <= args.compiled <= args.directions + 1:
+            ap.error(f"--compiled K needs 2 <= K <= --directions + 1 ({args.directions + 1}), got {args.compiled}")
+        try:
+            batches = sorted({int(b) for b in args.compiled_batches.split(",")})
+        except ValueError:
+            ap.error(f"--compiled-batches takes comma-separated integers, got {args.compiled_batches!r}")
+        if any(b < 1 or args.probes % b for b in batches):
+            ap.error(f"--compiled-batches must each divide --probes ({args.probes}), got {args.compiled_batches!r}")
     torch.set_num_threads(1)
     task = ModularArithmetic(97, ("add",), 0.5, 42)
     model = build_model("xu2026", task, seed=42)
@@ -265,11 +274,8 @@ def main() -> None:
           f"runs at {ref_rate:.1f} GFLOP/s; a direction's {flops / 1e9:.2f} GFLOP of matmuls at that rate would take "
           f"{flops / ref_rate / 1e6:.1f} ms, {flops / ref_rate / 1e9 / per_direction:.0%} of its wall time")
     if args.compiled:
-        if not 2 <= args.compiled <= n + 1:
-            ap.error(f"--compiled K needs 2 <= K <= --directions + 1 ({n + 1}), got {args.compiled}")
         print("\nThe lever not taken: the same responses traced into one graph and compiled (Inductor), the "
               "subspace's weights and the directions as the graph's inputs; eager and compiled timed round-robin\n")
-        batches = sorted({min(int(b), args.probes) for b in args.compiled_batches.split(",")})
         print("\n".join(compiled_table(cmap, model, S, dirs, batches, args.compiled, max(args.reps, 3))))
     if args.results and Path(args.results).is_dir():
         from benchmarks.protocol_profile import profile

@@ -20,6 +20,20 @@ def test_a_bad_flag_is_one_line_and_exit_2(module, monkeypatch, capsys):
     assert e.value.code == 2 and err.strip().count("\n") == 0 and "--no-such-flag" in err
 
 
+@pytest.mark.parametrize("flags, says", [(["--compiled", "1"], "2 <= K"), (["--compiled", "12"], "2 <= K"),
+                                         (["--compiled-batches", "x"], "comma-separated integers"),
+                                         (["--compiled-batches", "1024,100"], "divide --probes")])
+def test_hvp_profile_refuses_bad_compiled_options_before_any_work(flags, says, monkeypatch, capsys):
+    from benchmarks import hvp_profile
+
+    monkeypatch.setattr(hvp_profile, "build_model", lambda *a, **k: pytest.fail("work started before the check"))
+    monkeypatch.setattr(sys, "argv", ["hvp_profile", *flags])
+    with pytest.raises(SystemExit) as e:
+        hvp_profile.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().count("\n") == 0 and says in err
+
+
 def test_run_all_writes_the_failure_and_exits_nonzero(tmp_path, monkeypatch):
     monkeypatch.setattr(run_all, "SECTIONS", [("Nothing", "benchmarks.no_such_benchmark", [])])
     monkeypatch.setattr(sys, "argv", ["run_all", "--out", str(tmp_path / "B.md")])
